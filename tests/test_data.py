@@ -13,6 +13,8 @@ from sklearn.datasets import load_digits
 from iddpm_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from iddpm_lightning.errors import ConfigError
 
+from .conftest import write_tiny_cifar
+
 
 def to_u8(x: torch.Tensor) -> torch.Tensor:
     """Invert the [-1, 1] mapping, asserting the values lie exactly on the 256-level grid."""
@@ -117,23 +119,12 @@ N_TRAIN, N_TEST = 20, 10
 def cifar_root(tmp_path_factory):
     """20 train images over data_batch_1..5 and 10 test images, in torchvision's pickle layout."""
     root = tmp_path_factory.mktemp("cifar")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    data = rng.integers(0, 256, size=(N_TRAIN + N_TEST, 3072), dtype=np.uint8)  # rows: R plane, G plane, B plane
-    data[5, 0] = 200  # image 5: red of pixel (row 0, col 0)
-    data[5, 1024 + 32 * 1 + 2] = 17  # image 5: green of pixel (row 1, col 2)
-    labels = [i % 10 for i in range(N_TRAIN + N_TEST)]
-
-    def dump(name, obj):
-        with open(folder / name, "wb") as f:
-            pickle.dump(obj, f)
-
-    for b in range(5):
-        rows = slice(4 * b, 4 * b + 4)
-        dump(f"data_batch_{b + 1}", {"data": data[rows], "labels": labels[rows]})
-    dump("test_batch", {"data": data[N_TRAIN:], "labels": labels[N_TRAIN:]})
-    dump("batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
+    data, labels = write_tiny_cifar(root, N_TRAIN, N_TEST)
+    # Rewrite image 5 with two known pixels: red of (row 0, col 0), green of (row 1, col 2).
+    data[5, 0] = 200
+    data[5, 1024 + 32 * 1 + 2] = 17
+    with open(root / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({"data": data[4:8], "labels": labels[4:8]}, f)
     return root, torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.tensor(labels)
 
 

@@ -1,0 +1,5 @@
+"""Callbacks: sample grids."""
+
+from .samples import SampleGrid
+
+__all__ = ["SampleGrid"]

@@ -1,0 +1,78 @@
+"""A grid of samples from FIXED noise, every N steps: the same seed each time, so the
+grids show the model's progress rather than the noise's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+from ..errors import ConfigError
+
+
+class SampleGrid(Callback):
+    """Logs ``num_samples`` images to TensorBoard (``samples``) and saves them as
+    ``{run_dir}/samples/step_{global_step}.png`` every ``every_n_steps`` optimizer steps
+    and when training ends. Uses the module's eval (EMA) weights.
+
+    Args:
+        every_n_steps: Optimizer steps between grids.
+        num_samples: Images in the grid.
+        sample_steps: Respaced sampling steps (e.g. 100, "10,15,25", "ddim50"); null: all T.
+        sampler: ``ddpm`` (ancestral) or ``ddim``.
+        seed: Seed of the fixed noise.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        num_samples: int = 64,
+        sample_steps: str | int | None = 100,
+        sampler: str = "ddpm",
+        seed: int = 0,
+    ):
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.sample_steps = sample_steps
+        self.sampler = sampler
+        self.seed = seed
+        self._last_step = -1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.sample_steps is not None:
+            pl_module.respaced(self.sample_steps)  # a respacing T can't meet fails now, not after training
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ConfigError(f"SampleGrid sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
+        if trainer.fast_dev_run:
+            return
+        step = trainer.global_step
+        if step != self._last_step and step % self.every_n_steps == 0 and step > 0:
+            self._last_step = step
+            self.log_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule):
+        if not trainer.fast_dev_run and trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.log_grid(trainer, pl_module)
+
+    @rank_zero_only
+    def log_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path:
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        x = pl_module.sample(self.num_samples, self.sample_steps, self.sampler, generator=generator)
+        # Small images (8x8 digits) are enlarged, pixel for pixel, to be visible.
+        scale = max(1, 32 // x.shape[-1])
+        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
+        grid = make_grid((x + 1) / 2, nrow=int(self.num_samples**0.5), padding=scale, pad_value=1.0)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid.clamp(0, 1), trainer.global_step)
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        return path

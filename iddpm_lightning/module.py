@@ -1,0 +1,319 @@
+"""IDDPM: a thin LightningModule over a diffusers UNet and ``GaussianDiffusion``.
+
+Training draws ``(t, weights)`` from ``self.timestep_sampler`` (uniform unless a callback,
+such as the importance sampler, installs another one), computes the per-sample terms of
+``GaussianDiffusion.training_losses`` and minimises mean(weights · loss). An exponential
+moving average of the UNet (``ema_unet``) is kept in the module, so it is checkpointed with
+it; validation, test and sampling use it unless ``eval_with_ema`` is false.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+
+from .diffusion import GaussianDiffusion, get_named_beta_schedule
+from .diffusion.resample import UniformSampler
+from .errors import ConfigError
+from .unet import build_unet
+
+
+def seeded_generator(device: torch.device, *key: int) -> torch.Generator:
+    """A generator seeded from a tuple of integers, e.g. (seed, rank, step, batch).
+
+    Keying the randomness of every step by where it is in training makes it differ per
+    rank (a global seed alone would give every GPU the same t and ε) and makes a
+    resumed run draw exactly what the uninterrupted run would have.
+    """
+    seed = int(np.random.SeedSequence([abs(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class IDDPM(LightningModule):
+    """Improved DDPM (Nichol & Dhariwal 2021) on a diffusers ``UNet2DModel``.
+
+    Args:
+        image_size: Height and width of the images (linked from the data module).
+        in_channels: Image channels C (linked from the data module). The UNet outputs 2C
+            channels (ε and v) for a learned variance, C otherwise.
+        num_classes: Number of classes (linked from the data module); used only if
+            ``class_cond``.
+        class_cond: Condition the UNet on class labels (a learned class embedding).
+        block_out_channels: Channels of each UNet resolution level, e.g. [128, 256, 256, 256]
+            for the paper's CIFAR-10 model (128 channels, multipliers 1, 2, 2, 2).
+        layers_per_block: Residual blocks per resolution level.
+        attention_resolutions: Resolutions (in pixels) whose blocks get self-attention.
+        attention_head_dim: Channels per attention head.
+        dropout: Dropout in the residual blocks (the paper uses 0.3 on CIFAR-10).
+        timesteps: Diffusion steps T.
+        noise_schedule: ``cosine`` or ``linear``.
+        model_var_type: ``learned_range``, ``fixed_small`` or ``fixed_large``.
+        loss_type: ``hybrid`` (L_simple + λ L_vlb), ``vlb`` or ``simple``.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay (the paper uses 0).
+        warmup_steps: Linear learning-rate warm-up over this many optimizer steps (0: none).
+        ema_decay: Decay of the exponential moving average of the weights.
+        ema_warmup: Use min(ema_decay, (1 + n) / (10 + n)) after n updates, so that a short
+            run's average is not dominated by the random initial weights.
+        eval_with_ema: Validate, test and sample with the EMA weights (else the raw ones).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        num_classes: int = 0,
+        class_cond: bool = False,
+        block_out_channels: list[int] = [128, 256, 256, 256],
+        layers_per_block: int = 3,
+        attention_resolutions: list[int] = [16, 8],
+        attention_head_dim: int = 64,
+        dropout: float = 0.0,
+        timesteps: int = 4000,
+        noise_schedule: str = "cosine",
+        model_var_type: str = "learned_range",
+        loss_type: str = "hybrid",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = False,
+        eval_with_ema: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        try:
+            betas = get_named_beta_schedule(noise_schedule, timesteps)
+            self.diffusion = GaussianDiffusion(betas, model_var_type, loss_type)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        if loss_type == "simple" and model_var_type == "learned_range":
+            raise ConfigError(
+                "model.loss_type 'simple' trains no variance, so a learned_range variance would stay "
+                "untrained; use loss_type 'hybrid' or 'vlb', or model_var_type 'fixed_small'/'fixed_large'"
+            )
+        if class_cond and num_classes < 1:
+            raise ConfigError("model.class_cond is true but the data has no class labels; set class_cond: false")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
+        out_channels = 2 * in_channels if model_var_type == "learned_range" else in_channels
+        self.unet = build_unet(
+            image_size, in_channels, out_channels, block_out_channels, layers_per_block,
+            attention_resolutions, attention_head_dim, dropout, num_classes if class_cond else None,
+        )
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.timestep_sampler = UniformSampler(timesteps)
+
+        self.val_loss, self.val_mse, self.val_vb = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_vb_quartiles = torch.nn.ModuleList(MeanMetric() for _ in range(4))
+        self.test_bpd, self.test_prior_bpd = MeanMetric(), MeanMetric()
+        self.test_decoder_bpd, self.test_kl_bpd = MeanMetric(), MeanMetric()
+
+    # ------------------------------------------------------------------ models
+
+    @property
+    def eval_unet(self):
+        return self.ema_unet if self.hparams.eval_with_ema else self.unet
+
+    def model_fn(self, unet, labels: torch.Tensor | None = None):
+        """The ``model(x_t, t)`` callable GaussianDiffusion expects, for a UNet and labels."""
+        labels = labels if self.hparams.class_cond else None
+        return lambda x_t, t: unet(x_t, t, class_labels=labels).sample
+
+    def _seed(self) -> int:
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    # ---------------------------------------------------------------- training
+
+    def training_step(self, batch, batch_idx: int):
+        x_start, labels = batch  # (B, C, H, W) in [-1, 1], (B,)
+        g = seeded_generator(self.device, self._seed(), self.global_rank, self.global_step, batch_idx)
+        t, weights = self.timestep_sampler.sample(x_start.shape[0], self.device, generator=g)
+        noise = torch.randn(x_start.shape, generator=g, device=self.device, dtype=x_start.dtype)
+        terms = self.diffusion.training_losses(self.model_fn(self.unet, labels), x_start, t, noise=noise)
+        loss = (terms["loss"] * weights).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mse", terms["mse"].mean())
+        self.log("train/vb", terms["vb"].mean())
+        return {"loss": loss, "timesteps": t, "losses": terms["loss"].detach()}
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.warmup_steps <= 0:
+            return opt
+        warmup = self.hparams.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --------------------------------------------------------------------- EMA
+
+    def on_train_start(self):
+        self._ema_step = self.global_step
+        self._ema_n = int(self.ema_updates)
+
+    def on_before_optimizer_step(self, optimizer):
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self._scale_before_step = scaler.get_scale() if scaler is not None else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int):
+        """Update the EMA once per optimizer step that really changed the weights: not per
+        accumulated micro-batch, and not after a step the fp16 grad scaler skipped (it lowers
+        its scale exactly when it skips)."""
+        if self.global_step <= self._ema_step:
+            return
+        self._ema_step = self.global_step
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and self._scale_before_step is not None and scaler.get_scale() < self._scale_before_step:
+            return
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self):
+        """ema ← ema + (1 − decay)(θ − ema), decay = min(ema_decay, (1+n)/(10+n)) with warm-up."""
+        n = self._ema_n
+        decay = self.hparams.ema_decay
+        if self.hparams.ema_warmup:
+            decay = min(decay, (1 + n) / (10 + n))
+        ema = list(self.ema_unet.parameters())
+        torch._foreach_lerp_(ema, list(self.unet.parameters()), 1.0 - decay)
+        self._ema_n = n + 1
+        self.ema_updates.fill_(n + 1)
+
+    # -------------------------------------------------------------- validation
+
+    def validation_step(self, batch, batch_idx: int):
+        """The training terms on held-out images with the eval weights, at t drawn from a
+        generator keyed by the batch so every validation sees the same t and ε."""
+        x_start, labels = batch
+        g = seeded_generator(self.device, self._seed(), self.global_rank, 10**9 + batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=self.device, generator=g)
+        noise = torch.randn(x_start.shape, generator=g, device=self.device, dtype=x_start.dtype)
+        terms = self.diffusion.training_losses(self.model_fn(self.eval_unet, labels), x_start, t, noise=noise)
+        self.val_loss.update(terms["loss"])
+        self.val_mse.update(terms["mse"])
+        self.val_vb.update(terms["vb"])
+        quartile = t * 4 // self.diffusion.num_timesteps  # (B,) in 0..3
+        for q, metric in enumerate(self.val_vb_quartiles):
+            in_q = quartile == q
+            metric.update(terms["vb"], weight=in_q.to(terms["vb"].dtype))
+        self.log_dict({"val/loss": self.val_loss, "val/mse": self.val_mse, "val/vb": self.val_vb},
+                      prog_bar=False, on_step=False, on_epoch=True, batch_size=x_start.shape[0])
+        self.log_dict({f"val/vb_q{q}": m for q, m in enumerate(self.val_vb_quartiles)},
+                      on_step=False, on_epoch=True, batch_size=x_start.shape[0])
+
+    # ---------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        sample_steps: str | int | None = None,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images [N, C, H, W] in [-1, 1] from the eval weights.
+
+        ``sample_steps``: None for all T steps, or a respacing (``100``, ``"10,15,25"``,
+        ``"ddim50"``); ``sampler``: ``ddpm`` (ancestral, learned variance) or ``ddim`` (``eta``).
+        """
+        if sampler not in ("ddpm", "ddim"):
+            raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        diffusion = self.diffusion if sample_steps is None else self.respaced(sample_steps)
+        hp = self.hparams
+        if hp.class_cond and labels is None:
+            labels = torch.arange(num_samples, device=self.device) % hp.num_classes
+        shape = (num_samples, hp.in_channels, hp.image_size, hp.image_size)
+        unet = self.eval_unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            model = self.model_fn(unet, labels)
+            if sampler == "ddim":
+                return diffusion.ddim_sample_loop(model, shape, eta=eta, generator=generator,
+                                                  progress=progress, device=self.device)
+            return diffusion.p_sample_loop(model, shape, generator=generator, progress=progress, device=self.device)
+        finally:
+            unet.train(was_training)
+
+    def respaced(self, sample_steps: str | int) -> GaussianDiffusion:
+        """The diffusion respaced to ``sample_steps`` (cached: respacing T = 4000 costs a few ms)."""
+        cache = self.__dict__.setdefault("_respaced", {})
+        key = str(sample_steps)
+        if key not in cache:
+            try:
+                cache[key] = self.diffusion.respace(sample_steps)
+            except ValueError as e:
+                raise ConfigError(f"sample_steps: {e}") from None
+        return cache[key].to(self.device)
+
+    # -------------------------------------------------------------------- test
+
+    def on_test_epoch_start(self):
+        T = self.diffusion.num_timesteps
+        self._vb_sum = torch.zeros(T, dtype=torch.float64, device=self.device)
+        self._mse_sum = torch.zeros(T, dtype=torch.float64, device=self.device)
+        self._count = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def test_step(self, batch, batch_idx: int):
+        """Exact bits/dim: ``calc_bpd_loop`` over all T steps with the eval weights."""
+        x_start, labels = batch
+        g = seeded_generator(self.device, self._seed(), self.global_rank, 2 * 10**9 + batch_idx)
+        progress = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+        out = self.diffusion.calc_bpd_loop(self.model_fn(self.eval_unet, labels), x_start, generator=g,
+                                           progress=progress)
+        B = x_start.shape[0]
+        self.test_bpd.update(out["total_bpd"])
+        self.test_prior_bpd.update(out["prior_bpd"])
+        self.test_decoder_bpd.update(out["vb"][:, 0])
+        self.test_kl_bpd.update(out["vb"][:, 1:].sum(dim=1))
+        self._vb_sum += out["vb"].sum(dim=0).double()
+        self._mse_sum += out["mse"].sum(dim=0).double()
+        self._count += B
+        self.log_dict({"test/bpd": self.test_bpd, "test/prior_bpd": self.test_prior_bpd,
+                       "test/decoder_bpd": self.test_decoder_bpd, "test/kl_bpd": self.test_kl_bpd},
+                      on_step=False, on_epoch=True, batch_size=B)
+
+    def on_test_epoch_end(self):
+        vb_sum = self.trainer.strategy.reduce(self._vb_sum, reduce_op="sum")
+        mse_sum = self.trainer.strategy.reduce(self._mse_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._count, reduce_op="sum")
+        summary = {name: float(metric.compute()) for name, metric in [
+            ("bpd", self.test_bpd), ("prior_bpd", self.test_prior_bpd),
+            ("decoder_bpd", self.test_decoder_bpd), ("kl_bpd", self.test_kl_bpd)]}
+        if self.trainer.is_global_zero and count > 0:
+            summary["num_images"] = int(count)
+            self.save_test_results(summary, (vb_sum / count).cpu().numpy(), (mse_sum / count).cpu().numpy())
+
+    def save_test_results(self, summary: dict, vb: np.ndarray, mse: np.ndarray):
+        """Write ``test/bpd.json`` (the breakdown) and the per-timestep mean L_t (bits/dim)
+        as ``test/vb_curve.{npz,png}`` in the run directory."""
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bpd.json").write_text(json.dumps(summary, indent=2) + "\n")
+        count = summary["num_images"]
+        np.savez(out_dir / "vb_curve.npz", vb=vb, mse=mse, num_images=count)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(np.arange(len(vb)), vb)
+        ax.set(yscale="log", xlabel="timestep t", ylabel="mean $L_t$ (bits/dim)",
+               title=f"VLB terms, {count} test images, total {vb.sum():.4f} bits/dim + prior")
+        fig.tight_layout()
+        fig.savefig(out_dir / "vb_curve.png", dpi=120)
+        plt.close(fig)
+        print(f"Test bits/dim {summary['bpd']:.4f} over {count} images: breakdown in {out_dir / 'bpd.json'}, "
+              f"per-timestep curve in {out_dir / 'vb_curve.png'} and vb_curve.npz")

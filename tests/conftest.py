@@ -1,0 +1,67 @@
+"""Shared helpers: a tiny model configuration and a subprocess runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A UNet and chain small enough for a CPU test to train and evaluate in seconds.
+TINY = [
+    "--model.block_out_channels=[32]",
+    "--model.layers_per_block=1",
+    "--model.attention_resolutions=[]",
+    "--model.attention_head_dim=8",
+    "--model.timesteps=100",
+    "--data.batch_size=16",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.limit_val_batches=1",
+    "--trainer.val_check_interval=2",
+]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m iddpm_lightning ARGS`` in ``cwd`` and return the finished process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "iddpm_lightning", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def digits_config() -> str:
+    return str(REPO / "configs" / "digits.yaml")
+
+
+def write_tiny_cifar(root: Path, n_train: int = 20, n_test: int = 10, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """A tiny CIFAR-10 in torchvision's pickle layout (root/cifar-10-batches-py/): the train
+    images spread over data_batch_1..5, then test_batch. Returns the rows (R, G, B planes of
+    3072 uint8 each; train first) and the labels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    data = np.random.default_rng(seed).integers(0, 256, size=(n_train + n_test, 3072), dtype=np.uint8)
+    labels = [i % 10 for i in range(n_train + n_test)]
+
+    def dump(name, rows):
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data[rows], "labels": labels[rows]}, f)
+
+    per_batch = n_train // 5
+    for b in range(5):
+        dump(f"data_batch_{b + 1}", slice(per_batch * b, per_batch * (b + 1)))
+    dump("test_batch", slice(n_train, None))
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return data, labels

@@ -1,0 +1,73 @@
+"""The real command line, end to end, in a temporary directory (subprocesses, `slow`)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import TINY, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def global_step(ckpt) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_fit_resume_test(tmp_path, digits_config):
+    run = tmp_path / "run"
+    args = ["--config", digits_config, f"--run_dir={run}", *TINY]
+    fit = run_cli("fit", *args, "--trainer.max_steps=4", cwd=tmp_path)
+    assert f"Run directory: {run}" in fit.stdout
+    last = run / "checkpoints" / "last.ckpt"
+    assert global_step(last) == 4
+    assert (run / "config.yaml").exists() and list(run.glob("events.out.tfevents.*"))
+
+    # A new run into the same directory would overwrite it: refused, nothing touched.
+    before = last.stat().st_mtime_ns
+    again = run_cli("fit", *args, "--trainer.max_steps=4", cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "--ckpt_path last" in again.stderr
+    assert last.stat().st_mtime_ns == before
+
+    # Resume continues the same run: global step, optimizer and EMA counter carry on.
+    resumed = run_cli("fit", *args, "--trainer.max_steps=6", "--ckpt_path=last", cwd=tmp_path)
+    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6 and int(ckpt["state_dict"]["ema_updates"]) == 6
+
+    test = run_cli("test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=2", cwd=tmp_path)
+    assert "Test bits/dim" in test.stdout
+    res = json.loads((run / "test" / "bpd.json").read_text())
+    assert res["num_images"] == 32
+    assert all(math.isfinite(v) and v > 0 for v in res.values())
+    assert res["prior_bpd"] + res["decoder_bpd"] + res["kl_bpd"] == pytest.approx(res["bpd"], rel=1e-5)
+    curve = np.load(run / "test" / "vb_curve.npz")
+    assert curve["vb"].shape == (100,)
+    assert curve["vb"].sum() + res["prior_bpd"] == pytest.approx(res["bpd"], rel=1e-5)
+    assert curve["vb"][0] == pytest.approx(res["decoder_bpd"], rel=1e-5)
+    assert (run / "test" / "vb_curve.png").stat().st_size > 0
+
+
+def test_print_config_round_trips(tmp_path, digits_config):
+    first = run_cli("fit", "--config", digits_config, "--print_config", cwd=tmp_path).stdout
+    assert "block_out_channels" in first and "DigitsDataModule" in first and "run_dir: runs/digits" in first
+    (tmp_path / "printed.yaml").write_text(first)
+    second = run_cli("fit", "--config", "printed.yaml", "--print_config", cwd=tmp_path).stdout
+    assert first == second
+
+
+@pytest.mark.parametrize("arg, needle", [
+    ("--model.learning_rate=1e-3", "learning_rate"),
+    ("--model.timesteps=many", "timesteps"),
+    ("--model.noise_schedule=cosin", "cosin"),
+])
+def test_bad_arguments_fail_before_training(tmp_path, digits_config, arg, needle):
+    proc = run_cli("fit", "--config", digits_config, f"--run_dir={tmp_path / 'run'}", arg, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

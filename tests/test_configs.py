@@ -1,0 +1,35 @@
+"""Every shipped config starts: one fast_dev_run step through the real CLI, on local data
+the test generates (the GPU configs at their full UNet size, with a batch of 2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import REPO, TINY, run_cli, write_tiny_cifar
+
+pytestmark = pytest.mark.slow
+
+SMOKE = ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.devices=1",
+         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+         "--data.batch_size=2", "--data.num_workers=0", "--data.pin_memory=false", "--data.persistent_workers=false"]
+
+
+@pytest.mark.parametrize("name", ["cifar10_hybrid"])
+def test_cifar10_configs_start(tmp_path, name):
+    write_tiny_cifar(tmp_path / "cifar", n_train=10, n_test=8)
+    run_cli("fit", "--config", str(REPO / "configs" / f"{name}.yaml"), f"--run_dir={tmp_path / 'run'}", *SMOKE,
+            f"--data.root={tmp_path / 'cifar'}", "--data.val_size=4", cwd=tmp_path, timeout=600)
+
+
+def test_imagenet64_config_starts(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in [("train", 6), ("val", 3)]:
+        for i in range(n):
+            path = tmp_path / "imagenet64" / split / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, size=(80, 72, 3), dtype=np.uint8)).save(path)
+    run_cli("fit", "--config", str(REPO / "configs" / "imagenet64_hybrid.yaml"), f"--run_dir={tmp_path / 'run'}",
+            *SMOKE, f"--data.root={tmp_path / 'imagenet64' / 'train'}",
+            f"--data.val_root={tmp_path / 'imagenet64' / 'val'}", cwd=tmp_path, timeout=600)

@@ -1,0 +1,113 @@
+"""The LightningModule on its own: derived shapes, per-rank randomness, EMA updates,
+and the bad settings it refuses. Fast: tiny UNets, a few optimizer steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from iddpm_lightning.errors import ConfigError
+from iddpm_lightning.module import IDDPM, seeded_generator
+
+TINY = dict(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
+            attention_resolutions=[], attention_head_dim=8, timesteps=20)
+
+
+def tiny(**kw) -> IDDPM:
+    return IDDPM(**{**TINY, **kw})
+
+
+def loader(n=32, batch_size=8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=batch_size)
+
+
+def fit(model, steps, **trainer_kw):
+    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, **trainer_kw)
+    trainer.fit(model, loader())
+    return trainer
+
+
+@pytest.mark.parametrize("var_type, channels", [("learned_range", 2), ("fixed_small", 1), ("fixed_large", 1)])
+def test_out_channels_follow_variance_type(var_type, channels):
+    loss = "hybrid" if var_type == "learned_range" else "simple"
+    model = tiny(model_var_type=var_type, loss_type=loss)
+    out = model.unet(torch.zeros(2, 1, 8, 8), torch.tensor([0, 5])).sample
+    assert out.shape == (2, channels, 8, 8)
+
+
+def test_bad_settings_are_one_clear_config_error():
+    with pytest.raises(ConfigError, match="model.loss_type 'simple'"):
+        tiny(loss_type="simple")
+    with pytest.raises(ConfigError, match="unknown beta schedule 'cosin'.*cosine, linear"):
+        tiny(noise_schedule="cosin")
+    with pytest.raises(ConfigError, match="timesteps must be an integer >= 1"):
+        tiny(timesteps=0)
+    with pytest.raises(ConfigError, match="image size of 10 cannot be down-sampled"):
+        IDDPM(**{**TINY, "image_size": 10, "block_out_channels": [32, 32, 32]})
+    with pytest.raises(ConfigError, match="multiples of 32"):
+        tiny(block_out_channels=[48])
+
+
+def test_seeded_generator_is_keyed():
+    draw = lambda *key: torch.randn(4, generator=seeded_generator(torch.device("cpu"), *key))
+    assert torch.equal(draw(0, 0, 5, 1), draw(0, 0, 5, 1))
+    assert not torch.equal(draw(0, 0, 5, 1), draw(0, 1, 5, 1))  # another rank
+    assert not torch.equal(draw(0, 0, 5, 1), draw(0, 0, 6, 1))  # another step
+    assert not torch.equal(draw(0, 0, 5, 1), draw(1, 0, 5, 1))  # another seed
+
+
+def test_training_step_output_and_weighted_loss():
+    model = tiny()
+    x = torch.rand(6, 1, 8, 8) * 2 - 1
+    model._trainer = None
+    out = model.training_step((x, torch.zeros(6, dtype=torch.long)), 0)
+    assert set(out) == {"loss", "timesteps", "losses"}
+    assert out["timesteps"].shape == (6,) and out["timesteps"].dtype == torch.long
+    assert not out["losses"].requires_grad
+    torch.testing.assert_close(out["loss"].detach(), out["losses"].mean())  # uniform: weights are 1
+
+
+def test_ema_follows_weights_once_per_optimizer_step_with_warmup():
+    model = tiny(ema_decay=0.9, ema_warmup=True, lr=1e-2)
+    init = [p.detach().clone() for p in model.unet.parameters()]
+    # EMA by hand, fed the raw weights after every optimizer step (2 micro-batches each).
+    expected = [p.clone() for p in init]
+    snapshots = []
+
+    orig_update = model.update_ema
+
+    def spy_update():
+        snapshots.append([p.detach().clone() for p in model.unet.parameters()])
+        orig_update()
+
+    model.update_ema = spy_update
+    fit(model, steps=3, accumulate_grad_batches=2)
+    assert len(snapshots) == 3 and int(model.ema_updates) == 3
+    for n, params in enumerate(snapshots):
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = [e + (1 - decay) * (p - e) for e, p in zip(expected, params)]
+    for e, p in zip(expected, model.ema_unet.parameters()):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+    assert any((e - p).abs().max() > 1e-4 for e, p in zip(model.ema_unet.parameters(), model.unet.parameters()))
+
+
+def test_sampling_uses_eval_weights_and_is_reproducible():
+    model = tiny()
+    with torch.no_grad():
+        for p in model.ema_unet.parameters():
+            p.mul_(0.5)
+    g = lambda: torch.Generator().manual_seed(3)
+    a = model.sample(3, sample_steps=5, generator=g())
+    b = model.sample(3, sample_steps=5, generator=g())
+    assert a.shape == (3, 1, 8, 8) and torch.equal(a, b)
+    model.hparams.eval_with_ema = False
+    c = model.sample(3, sample_steps=5, generator=g())
+    assert not torch.equal(a, c)
+    d = model.sample(3, sample_steps="ddim5", sampler="ddim", generator=g())
+    assert d.shape == (3, 1, 8, 8) and torch.equal(d, model.sample(3, sample_steps="ddim5", sampler="ddim", generator=g()))
+    assert model.unet.training and model.ema_unet.training  # sampling restored the train mode
