@@ -16,7 +16,7 @@ SMOKE = ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.
          "--data.batch_size=2", "--data.num_workers=0", "--data.pin_memory=false", "--data.persistent_workers=false"]
 
 
-@pytest.mark.parametrize("name", ["cifar10_hybrid"])
+@pytest.mark.parametrize("name", ["cifar10_hybrid", "cifar10_vlb"])
 def test_cifar10_configs_start(tmp_path, name):
     write_tiny_cifar(tmp_path / "cifar", n_train=10, n_test=8)
     run_cli("fit", "--config", str(REPO / "configs" / f"{name}.yaml"), f"--run_dir={tmp_path / 'run'}", *SMOKE,
@@ -33,3 +33,15 @@ def test_imagenet64_config_starts(tmp_path):
     run_cli("fit", "--config", str(REPO / "configs" / "imagenet64_hybrid.yaml"), f"--run_dir={tmp_path / 'run'}",
             *SMOKE, f"--data.root={tmp_path / 'imagenet64' / 'train'}",
             f"--data.val_root={tmp_path / 'imagenet64' / 'val'}", cwd=tmp_path, timeout=600)
+
+
+def test_digits_vlb_trains_with_the_importance_sampler(tmp_path):
+    run = tmp_path / "run"
+    run_cli("fit", "--config", str(REPO / "configs" / "digits_vlb.yaml"), f"--run_dir={run}", *TINY,
+            "--trainer.max_steps=3", cwd=tmp_path)
+    import torch
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ImportanceSampler"))
+    assert ckpt["hyper_parameters"]["loss_type"] == "vlb"
+    assert int(state["loss_counts"].sum()) == 3 * 16  # every loss of the 3 steps is in the history

@@ -1,0 +1,149 @@
+"""Importance-sampled L_vlb (§3.3): a Callback that keeps the loss history of every
+timestep, identical on every rank, and samples t from it.
+
+Per step: the module asks this callback for ``(t, weights)``; after the step, the
+callback gathers every rank's ``timesteps`` and unweighted ``losses`` with ONE
+``all_gather`` and appends them, in rank order, to the history. Every rank applies the
+same update to the same data, so all ranks hold the same distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..diffusion.resample import LossSecondMomentResampler
+from ..errors import ConfigError
+
+
+class ImportanceSampler(Callback):
+    """Sample t with p_t ∝ √E[L_t²] (the paper's eq. 18) and weight each loss by 1/(T p_t).
+
+    Made for ``loss_type: vlb``, whose terms differ by orders of magnitude across t. It also
+    runs with ``hybrid`` (the paper found it no help there: the L_simple part dominates).
+
+    Args:
+        history_per_term: Losses kept per timestep for the estimate of E[L_t²].
+        uniform_prob: Share of the uniform distribution mixed into p_t.
+        plot_every_n_steps: Also plot p_t to TensorBoard every this many steps (0: only
+            after each validation).
+    """
+
+    def __init__(self, history_per_term: int = 10, uniform_prob: float = 0.001, plot_every_n_steps: int = 0):
+        if history_per_term < 1:
+            raise ConfigError(f"ImportanceSampler history_per_term must be >= 1, got {history_per_term}")
+        if not 0.0 <= uniform_prob <= 1.0:
+            raise ConfigError(f"ImportanceSampler uniform_prob must be in [0, 1], got {uniform_prob}")
+        self.history_per_term = history_per_term
+        self.uniform_prob = uniform_prob
+        self.plot_every_n_steps = plot_every_n_steps
+        self.resampler: LossSecondMomentResampler | None = None
+        self._pending_state: dict | None = None
+
+    # --------------------------------------------------------------- the sampler
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.resampler is None:
+            T = pl_module.diffusion.num_timesteps
+            self.resampler = LossSecondMomentResampler(T, self.history_per_term, self.uniform_prob)
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+        pl_module.timestep_sampler = self  # the module never imports this callback
+
+    def sample(self, batch_size: int, device, generator: torch.Generator | None = None):
+        """(t [B], weights [B]) for the module's training step."""
+        return self.resampler.sample(batch_size, device, generator)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
+        t, losses = outputs["timesteps"], outputs["losses"]
+        capacity = self._capacity(trainer, len(t))
+        # One row per example, padded to the loader's batch size with t = -1 so that ranks
+        # with a shorter batch gather the same shape: (capacity, 2) float64 [t, loss].
+        local = torch.full((capacity, 2), -1.0, dtype=torch.float64, device=t.device)
+        local[: len(t), 0] = t.to(torch.float64)
+        local[: len(t), 1] = losses.to(torch.float64)
+        gathered = trainer.strategy.all_gather(local).reshape(-1, 2)  # (world · capacity, 2), rank-major
+        valid = gathered[:, 0] >= 0
+        self.resampler.update(gathered[valid, 0].long(), gathered[valid, 1])
+        self._log(pl_module)
+        if self.plot_every_n_steps and trainer.global_step % self.plot_every_n_steps == 0:
+            self._plot(trainer)
+
+    @staticmethod
+    def _capacity(trainer: Trainer, batch_size: int) -> int:
+        """Largest per-rank batch: the train loader's batch_size (the same on every rank)."""
+        loader = trainer.train_dataloader
+        capacity = getattr(loader, "batch_size", None)
+        if capacity is None or batch_size > capacity:
+            raise ConfigError(
+                "ImportanceSampler needs a training DataLoader with a fixed batch_size (it pads every "
+                "rank's batch to it before the all_gather); build the loader with batch_size=..."
+            )
+        return capacity
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, pl_module: LightningModule) -> None:
+        r = self.resampler
+        p = r.probs()
+        entropy = -(p * p.log()).sum()
+        pl_module.log_dict({
+            "importance/warmed_up_fraction": (r.loss_counts == r.history_per_term).double().mean(),
+            "importance/effective_timesteps": entropy.exp(),  # T when uniform
+            "importance/max_weight": 1.0 / (r.num_timesteps * p.min()),
+        }, on_step=True, on_epoch=False)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.resampler is not None and not trainer.sanity_checking:
+            self._plot(trainer)
+
+    @rank_zero_only
+    def _plot(self, trainer: Trainer) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        p = self.resampler.probs().cpu().numpy()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(p)
+        ax.set(yscale="log", xlabel="timestep t", ylabel="$p_t$",
+               title=f"importance sampling, step {trainer.global_step}")
+        fig.tight_layout()
+        for logger in loggers:
+            logger.experiment.add_figure("importance/p_t", fig, trainer.global_step)
+        plt.close(fig)
+
+    # ------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        r = self.resampler
+        if r is None:
+            return {}
+        return {"num_timesteps": r.num_timesteps, "history_per_term": r.history_per_term,
+                "loss_history": r.loss_history.cpu(), "loss_counts": r.loss_counts.cpu()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        if self.resampler is None:  # loaded before setup: restore there
+            self._pending_state = state_dict
+        else:
+            self._restore(state_dict)
+
+    def _restore(self, state: dict) -> None:
+        r = self.resampler
+        if state["num_timesteps"] != r.num_timesteps or state["history_per_term"] != r.history_per_term:
+            raise ConfigError(
+                f"the checkpoint's ImportanceSampler history has T = {state['num_timesteps']} and "
+                f"{state['history_per_term']} losses per timestep, but this run has T = {r.num_timesteps} and "
+                f"{r.history_per_term}; resume with the settings the checkpoint was trained with"
+            )
+        r.load(state["loss_history"], state["loss_counts"])
+
