@@ -35,6 +35,15 @@ LOSS_TYPES = ("simple", "hybrid", "vlb")
 LN2 = math.log(2.0)
 
 
+def log_strata(num_timesteps: int, num_strata: int) -> list[int]:
+    """Bounds 0 = b_0 < b_1 < ... < b_K = T of K strata [b_k, b_{k+1}) of [0, T), with
+    b_k = round(T^(k/K)) (pushed up by one where rounding would repeat a bound)."""
+    bounds = [0]
+    for k in range(1, num_strata):
+        bounds.append(max(round(num_timesteps ** (k / num_strata)), bounds[-1] + 1))
+    return bounds + [num_timesteps]
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the batch: [B, ...] -> [B]."""
     return x.flatten(1).mean(dim=1)
@@ -312,6 +321,54 @@ class GaussianDiffusion(nn.Module):
             "xstart_mse": xstart_mse,
             "mse": mse,
         }
+
+    @torch.no_grad()
+    def stratified_bpd(
+        self, model: Model, x_start: torch.Tensor, num_strata: int, clip_denoised: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unbiased stratified estimate of ``calc_bpd_loop``'s total bits/dim, L_T + Σ_t L_t,
+        with 2K model calls instead of T, and an unbiased estimate of its own variance.
+
+        [0, T) is cut into K = ``num_strata`` contiguous strata S_k of sizes s_k whose bounds
+        are spaced geometrically (``log_strata``): t = 0 and the first steps, where L_t is
+        largest and changes fastest, get strata of their own, so the estimate's variance is
+        tens of times smaller than with equal strata at the same cost. In every stratum
+        each image draws TWO independent t_a, t_b uniformly from S_k (from ``generator``,
+        with a fresh ε for each, as in ``calc_bpd_loop``), and L_t is the same term the exact
+        loop evaluates (``vb_terms_bpd``, x̂_0 clipped if ``clip_denoised``). With
+        X = s_k · L_t, E[X] = Σ_{t∈S_k} E_ε[L_t], so
+
+            total_bpd = L_T + Σ_k (X_a + X_b) / 2                      (unbiased)
+            Var(total_bpd | x_0) = Σ_k σ_k² / 2,  σ_k² = Var(X) within stratum k
+            variance  = Σ_k (X_a − X_b)² / 4                           (unbiased for it)
+
+        The second draw per stratum exists only so that this variance can be estimated
+        (one draw per stratum would leave σ_k² unidentifiable). With K = T every stratum
+        is one t, and X_a, X_b differ only in ε. Model calls: one per (stratum, draw),
+        over the whole batch.
+
+        Returns total_bpd [B], variance [B] (of total_bpd, given x_0), prior_bpd [B].
+        """
+        T = self.num_timesteps
+        if not 1 <= num_strata <= T:
+            raise ValueError(f"num_strata must be between 1 and the number of timesteps T = {T}, got {num_strata}")
+        B, device = x_start.shape[0], x_start.device
+        bounds = log_strata(T, num_strata)
+        starts, sizes = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        total, variance = x_start.new_zeros(B), x_start.new_zeros(B)
+        for start, size in zip(starts, sizes):
+            draws = []
+            for _ in range(2):
+                t = start + torch.randint(0, size, (B,), generator=generator, device=device)
+                noise = torch.randn(x_start.shape, generator=generator, device=device, dtype=x_start.dtype)
+                x_t = self.q_sample(x_start, t, noise)
+                vb_t, _ = self.vb_terms_bpd(self._call_model(model, x_t, t), x_start, x_t, t, clip_denoised)
+                draws.append(size * vb_t)
+            total += (draws[0] + draws[1]) / 2
+            variance += (draws[0] - draws[1]) ** 2 / 4
+        prior_bpd = self.prior_bpd(x_start)
+        return {"total_bpd": total + prior_bpd, "variance": variance, "prior_bpd": prior_bpd}
 
     # ----------------------------------------------------------------- samplers
 

@@ -1,0 +1,312 @@
+"""FID of the model's samples against the data, every N validation epochs, logged as ``val/fid``.
+
+The Fréchet distance and the Inception network are torchmetrics' ``FrechetInceptionDistance``
+(on torch-fidelity's InceptionV3, read from a local weights file); this callback only feeds it:
+the reference images once (then cached on disk), and fresh samples from the eval (EMA) weights
+each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from ..errors import ConfigError
+from ..module import seeded_generator
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+REFERENCE_SPLITS = ("train", "val")
+_REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+_SAMPLE_STREAM = 7  # the last key of the sample generator, apart from the other seeded streams
+
+
+def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] ``[N, C, H, W]`` -> uint8 [0, 255] (rounded, the inverse of ``u / 127.5 - 1``)
+    with 3 channels (greyscale repeated), as the metric's feature extractor expects."""
+    u8 = ((x.float() + 1) * 127.5).round().clamp_(0, 255).to(torch.uint8)
+    return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
+
+
+class FID(Callback):
+    """Logs ``val/fid``, the FID of ``num_samples`` samples against the reference split, at the end
+    of every ``every_n_val_epochs``-th validation run (skipped in the sanity check and under
+    ``fast_dev_run``; ``validate`` computes it every time).
+
+    Samples come from ``pl_module.sample`` (the eval, i.e. EMA, weights) with a respaced chain of
+    ``sample_steps`` steps and FIXED noise (the same seed every time), so that changes of the FID
+    follow the model and not the noise. Each sample is rounded to uint8 and greyscale is repeated to
+    3 channels. The paper reports FID on 50,000 samples against the training set; the default of
+    10,000 is cheaper and biased upwards (FID falls as the sample count grows), so compare numbers
+    only at equal ``num_samples``, and use 50000 to compare with the paper.
+
+    The reference statistics (the metric's ``real_features_*`` sums) are computed once, from the
+    data module's ``train_set`` or ``val_set`` without random flips, and saved to
+    ``{cache_dir}/fid_ref_{DataModule}_{split}_{hash}.pt`` (plain tensors and the key as a JSON
+    string, read back with ``weights_only=True``); the hash covers the data module class, its
+    root/path settings and split seed, the split and its size, the image shape, the file list of a
+    dataset of files, and the feature extractor, so later runs on the same data load the file
+    instead. The metric keeps them across ``reset()`` (``reset_real_features=False``).
+
+    Under DDP rank r generates its share of the samples (``num_samples`` in all, split as evenly as
+    possible) with its own fixed-seed generator; only rank 0 holds the reference statistics (it
+    computes or loads them and writes the cache, then all ranks meet at a barrier) while the other
+    ranks keep them at zero, so that the sums torchmetrics adds across ranks in ``compute()`` are
+    rank 0's reference and all ranks' samples. Every rank logs the same synced value. (The one-time
+    reference pass runs on rank 0 alone while the others wait at the barrier: on a very large
+    training set, e.g. ImageNet, run ``validate`` once on one device to fill the cache first, or
+    the wait may exceed the process group's timeout.)
+
+    Args:
+        num_samples: Samples per evaluation, over all devices (the paper uses 50000).
+        every_n_val_epochs: Compute FID at every n-th validation run of ``fit``.
+        sample_steps: Respaced sampling steps (e.g. 100, "10,15,25", "ddim50"); null: all T.
+        sampler: ``ddpm`` (ancestral) or ``ddim``.
+        eta: DDIM's η (``ddim`` only; 0 is deterministic).
+        batch_size: Images per sampling and feature-extraction batch, per device.
+        reference_split: ``train`` (the paper's protocol) or ``val``: the data module's split
+            whose statistics the samples are compared with.
+        inception_weights: Local path of torch-fidelity's Inception weights
+            (``weights-inception-2015-12-05-6726825d.pth``, from ``INCEPTION_URL``); required
+            unless ``feature_extractor`` is given. Nothing is downloaded.
+        feature_extractor: Replaces Inception (tests, other feature spaces): an ``nn.Module`` with
+            an int attribute ``num_features`` that maps uint8 ``[N, 3, H, W]`` images to
+            ``[N, num_features]`` features. Its cache key is its class and ``num_features``.
+        cache_dir: Folder of the cached reference statistics; null: ``fid_stats/`` in the data
+            module's ``root`` if it has one, else in the run directory.
+        seed: Seed of the fixed sampling noise.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 10000,
+        every_n_val_epochs: int = 1,
+        sample_steps: str | int | None = 100,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        batch_size: int = 250,
+        reference_split: str = "train",
+        inception_weights: str | None = None,
+        feature_extractor: torch.nn.Module | None = None,
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ):
+        if num_samples < 2:
+            raise ConfigError(f"FID num_samples={num_samples} must be at least 2 (a covariance needs two samples)")
+        if every_n_val_epochs < 1:
+            raise ConfigError(f"FID every_n_val_epochs={every_n_val_epochs} must be at least 1")
+        if batch_size < 1:
+            raise ConfigError(f"FID batch_size={batch_size} must be at least 1")
+        if reference_split not in REFERENCE_SPLITS:
+            raise ConfigError(f"FID reference_split must be one of {REFERENCE_SPLITS}, got {reference_split!r}")
+        if sampler not in ("ddpm", "ddim"):
+            raise ConfigError(f"FID sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        self.num_samples, self.every_n_val_epochs = num_samples, every_n_val_epochs
+        self.sample_steps, self.sampler, self.eta = sample_steps, sampler, eta
+        self.batch_size, self.reference_split = batch_size, reference_split
+        self.inception_weights, self.cache_dir, self.seed = inception_weights, cache_dir, seed
+
+        if feature_extractor is not None:
+            num_features = getattr(feature_extractor, "num_features", None)
+            if not isinstance(num_features, int) or num_features < 1:
+                raise ConfigError(
+                    f"FID feature_extractor {type(feature_extractor).__name__} needs a positive int attribute "
+                    f"num_features (the length of its feature vectors), got {num_features!r}"
+                )
+            feature_extractor.eval().requires_grad_(False)
+            self.extractor_id = f"{type(feature_extractor).__module__}.{type(feature_extractor).__qualname__}" \
+                                f":{num_features}"
+            self.metric = FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False)
+        else:
+            self.metric = self._inception_metric(inception_weights)
+            self.extractor_id = f"inception-v3-compat:2048:{Path(inception_weights).name}"
+        self._val_epochs = 0
+        self._reference_of = None  # the data module whose reference statistics the metric holds
+
+    @staticmethod
+    def _inception_metric(path: str | None) -> FrechetInceptionDistance:
+        """torchmetrics' FID on torch-fidelity's Inception, read from ``path`` (which torch-fidelity
+        ``torch.load``s; only a None path would make it download)."""
+        if path is None or not Path(path).expanduser().is_file():
+            where = "inception_weights is not set" if path is None else \
+                f"it is not at inception_weights={path!r} ({Path(path).expanduser().resolve()})"
+            raise ConfigError(
+                f"FID needs torch-fidelity's Inception weights file {INCEPTION_FILE}, but {where}; download "
+                f"it from {INCEPTION_URL} and set the FID callback's inception_weights to its path"
+            )
+        try:
+            # antialias=False: torch-fidelity's TF1-compatible resize to 299, as in the reference FID code.
+            return FrechetInceptionDistance(feature=2048, reset_real_features=False, antialias=False,
+                                            feature_extractor_weights_path=str(Path(path).expanduser()))
+        except Exception as err:  # a truncated or foreign file
+            raise ConfigError(
+                f"FID inception_weights={path!r} cannot be loaded as {INCEPTION_FILE} ({err!r}); "
+                f"download it again from {INCEPTION_URL}"
+            ) from err
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(reference_split=self.reference_split, sample_steps=self.sample_steps,
+                                        sampler=self.sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_epochs": self._val_epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._val_epochs = int(state_dict.get("val_epochs", 0))
+
+    # ----------------------------------------------------------------- hooks
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
+            return
+        if self.sample_steps is not None and hasattr(pl_module, "respaced"):
+            pl_module.respaced(self.sample_steps)  # a respacing T can't meet fails now, not after training
+        name = f"{self.reference_split}_set"
+        if getattr(trainer.datamodule, name, None) is None:
+            raise ConfigError(
+                f"FID reference_split={self.reference_split!r} needs a data module with a {name} after setup, "
+                f"but {type(trainer.datamodule).__name__} has none; use one of iddpm_lightning.data's data modules"
+            )
+        if self._reference_of is not None and self._reference_of is not trainer.datamodule:
+            self._drop_reference()  # other data than last time: recompute (or load) its statistics
+
+    def _drop_reference(self) -> None:
+        self.metric.reset_real_features = True
+        self.metric.reset()
+        self.metric.reset_real_features = False
+        self._reference_of = None
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._val_epochs += 1
+            if self._val_epochs % self.every_n_val_epochs:
+                return
+        # Validation runs under inference mode; the metric's states must stay ordinary tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            value = self.compute_fid(trainer, pl_module)
+        # The value is already synced (equal on every rank); sync_dist only silences Lightning's warning.
+        pl_module.log("val/fid", value, prog_bar=True, sync_dist=True)
+
+    # -------------------------------------------------------------- the work
+
+    def compute_fid(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+        """FID of this rank's share of the samples (all ranks' after the sync) against the reference."""
+        self.metric.to(pl_module.device)
+        if self._reference_of is None:
+            if trainer.is_global_zero:
+                self._load_or_compute_reference(trainer, pl_module.device)
+            trainer.strategy.barrier()
+            self._reference_of = trainer.datamodule
+        rank, world = trainer.global_rank, trainer.world_size
+        n_local = len(range(rank, self.num_samples, world))
+        generator = seeded_generator(pl_module.device, self.seed, rank, _SAMPLE_STREAM)
+        for start in range(0, n_local, self.batch_size):
+            n = min(self.batch_size, n_local - start)
+            x = pl_module.sample(n, self.sample_steps, self.sampler, eta=self.eta, generator=generator)
+            self.metric.update(to_uint8_rgb(x), real=False)
+        value = self.metric.compute()  # sums the states over ranks
+        self.metric.reset()  # drops the samples' features, keeps the reference (reset_real_features=False)
+        return value
+
+    def _reference_dataset(self, trainer: Trainer) -> Dataset:
+        return getattr(trainer.datamodule, f"{self.reference_split}_set")
+
+    def _cache_key(self, trainer: Trainer) -> dict[str, Any]:
+        """What the reference statistics depend on: the data (module class, its root/path settings,
+        split seed, split, length, image shape, and the file list of a dataset of files) and the
+        feature extractor."""
+        dm = trainer.datamodule
+        dataset = self._reference_dataset(trainer)
+        paths = {k: str(Path(v).expanduser().resolve()) for k, v in sorted(vars(dm).items())
+                 if isinstance(v, (str, os.PathLike)) and k.endswith(("root", "path", "dir"))}
+        key = {
+            "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}",
+            "paths": paths,
+            "split_seed": getattr(dm, "split_seed", None),
+            "split": self.reference_split,
+            "length": len(dataset),
+            "image_shape": self._image_shape(dm, dataset),
+            "extractor": self.extractor_id,
+        }
+        files = getattr(dataset, "files", None)
+        if isinstance(files, (list, tuple)):
+            key["files_sha256"] = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()
+        return key
+
+    @staticmethod
+    def _image_shape(dm, dataset: Dataset) -> list[int]:
+        if isinstance(getattr(dm, "image_size", None), int) and isinstance(getattr(dm, "channels", None), int):
+            return [dm.channels, dm.image_size, dm.image_size]
+        return list(dataset[0][0].shape)
+
+    def reference_cache_file(self, trainer: Trainer) -> Path:
+        """Where the reference statistics of this data, split and feature extractor are cached."""
+        return self._cache_file(trainer, self._cache_key(trainer))
+
+    def _cache_file(self, trainer: Trainer, key: dict[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        if self.cache_dir is not None:
+            folder = Path(self.cache_dir).expanduser()
+        else:
+            root = getattr(trainer.datamodule, "root", None)
+            folder = Path(root if root is not None else trainer.default_root_dir).expanduser() / "fid_stats"
+        return folder / f"fid_ref_{type(trainer.datamodule).__name__}_{self.reference_split}_{digest}.pt"
+
+    def _load_or_compute_reference(self, trainer: Trainer, device: torch.device) -> None:
+        key_dict = self._cache_key(trainer)
+        path, key = self._cache_file(trainer, key_dict), json.dumps(key_dict, sort_keys=True)
+        if path.is_file():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved.get("key") != key:
+                    raise ValueError("the file was written for other data or another feature extractor")
+                for name in _REAL_STATES:
+                    state = getattr(self.metric, name)
+                    if saved[name].shape != state.shape:
+                        raise ValueError(f"{name} has shape {tuple(saved[name].shape)}, not {tuple(state.shape)}")
+                    setattr(self.metric, name, saved[name].to(device=device, dtype=state.dtype))
+                rank_zero_info(f"FID: reference statistics loaded from {path}")
+                return
+            except Exception as err:
+                rank_zero_warn(f"FID: ignoring the reference statistics cache {path} ({err}); recomputing it")
+        dataset = self._reference_dataset(trainer)
+        rank_zero_info(f"FID: computing reference statistics of {len(dataset)} {self.reference_split} images "
+                       f"(once; cached in {path})")
+        self._update_real(dataset, device, getattr(trainer.datamodule, "num_workers", 0))
+        states = {name: getattr(self.metric, name).detach().cpu() for name in _REAL_STATES}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            torch.save({**states, "key": key}, tmp)
+            os.replace(tmp, path)  # atomic: an interrupted run leaves no half-written cache
+        except OSError as err:
+            rank_zero_warn(f"FID: could not write the reference statistics cache {path} ({err}); "
+                           "set the FID callback's cache_dir to a writable folder to reuse them")
+
+    def _update_real(self, dataset: Dataset, device: torch.device, num_workers: int) -> None:
+        """Feed every image of ``dataset`` to the metric as real, without random flips."""
+        flip = getattr(dataset, "random_flip", None)
+        if flip:
+            dataset.random_flip = False
+        try:
+            loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=num_workers)
+            for x, _ in loader:
+                self.metric.update(to_uint8_rgb(x.to(device)), real=True)
+        finally:
+            if flip:
+                dataset.random_flip = flip
