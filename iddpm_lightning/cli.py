@@ -7,6 +7,7 @@ auto-versioned, so ``fit --ckpt_path last`` finds the run it continues.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -14,9 +15,12 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .errors import ConfigError
-from .module import IDDPM
+from .callbacks.writer import SampleWriter
+from .checkpointing import AtomicCheckpointIO, GracefulStop, read_checkpoint, unreadable_checkpoint
+from .errors import ConfigError, NonFiniteLossError
+from .module import IDDPM, check_compatible
 
 
 class IDDPMCLI(LightningCLI):
@@ -42,12 +46,47 @@ class IDDPMCLI(LightningCLI):
         parser.link_arguments("data.channels", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(SampleWriter, "sampling")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000})
 
     # -------------------------------------------------------------- run dir
 
     def _run_dir(self) -> Path:
         return Path(self.config[self.subcommand].run_dir)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before anything is built: ``last`` becomes the run's
+        last.ckpt (so the model is rebuilt from its hyperparameters, as for a path); a
+        missing, corrupt or unsafe file is one clear error; test and predict need one."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        if cfg.get("ckpt_path") is None and sub in ("test", "predict"):
+            raise ConfigError(
+                f"{sub} needs a trained model: pass --ckpt_path (e.g. {cfg.run_dir}/checkpoints/last.ckpt); "
+                f"an untrained model has no {'bits/dim' if sub == 'test' else 'samples'} worth reporting"
+            )
+        if cfg.get("ckpt_path") == "last":
+            last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+            if last.is_file():
+                cfg.ckpt_path = str(last)
+        path = cfg.get("ckpt_path")
+        self._ckpt_hparams = {}
+        if path and path not in ("last", "best", "hpc", "registry"):
+            hparams = read_checkpoint(path).get("hyper_parameters", {})
+            hparams.pop("_instantiator", None)
+            if hparams:
+                self._ckpt_hparams = dict(hparams)
+                try:
+                    self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+                except (SystemExit, Exception) as e:
+                    raise unreadable_checkpoint(path, e) from None
+
+    def after_instantiate_classes(self) -> None:
+        # The data links in_channels, image_size and num_classes into the model: a checkpoint
+        # trained on other data is refused here, before anything is written.
+        check_compatible(self._ckpt_hparams, self.model.hparams)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
@@ -62,15 +101,24 @@ class IDDPMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if not trainer_cfg.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        callbacks = [*callbacks, GracefulStop()]
         if trainer_cfg.get("logger") in (None, True):
             # Fixed name and version: logs and checkpoints/ live directly in run_dir.
             kwargs["logger"] = TensorBoardLogger(save_dir=str(self._run_dir()), name="", version="")
         if kwargs.get("logger", trainer_cfg.get("logger")) not in (None, False):
-            callbacks = trainer_cfg.get("callbacks") or []
-            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             if not any(isinstance(c, LearningRateMonitor) for c in callbacks):
-                kwargs["callbacks"] = [*callbacks, LearningRateMonitor(logging_interval="step")]
+                callbacks.append(LearningRateMonitor(logging_interval="step"))
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    def before_predict(self) -> None:
+        # predict draws samples: its "data" are the sample indices the module's
+        # predict_dataloader yields, not the data module's images.
+        self.datamodule = None
 
     def before_fit(self) -> None:
         print(f"Run directory: {self._run_dir().resolve()}  (tensorboard --logdir {self._run_dir()})")
@@ -82,12 +130,29 @@ class IDDPMCLI(LightningCLI):
             print(f"Last checkpoint: {ckpt.last_model_path or '(none written)'}")
 
 
+def _config_error(e: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``e``: jsonargparse wraps errors raised while it builds classes."""
+    while e is not None and not isinstance(e, ConfigError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def main(args=None) -> None:
     try:
         IDDPMCLI(args=args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError) as e:
+        error = _config_error(e)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except SIGTERMException:
+        print("stopped by SIGTERM; the last finished step is in last.ckpt: resume with --ckpt_path last",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
@@ -57,6 +58,42 @@ class _U8Images(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return to_model_range(self.images[i], self.random_flip and _coin()), self.labels[i]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order of ``range(num_items)`` drawn from (seed, epoch) alone, so the order of
+    any epoch can be drawn again after a resume (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        return iter(torch.randperm(self.num_items, generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that, resumed in the middle of an epoch, skips the batches of that epoch
+    the run already trained on (Lightning restores its progress but restarts the loader).
+    The skipped batches are read once more, not trained on. ``skip_batches`` is an init
+    argument so that it survives Lightning re-creating the loader with a distributed sampler."""
+
+    def __init__(self, *args: Any, skip_batches: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_batches = skip_batches
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        for _ in range(self.skip_batches):
+            next(iterator)
+        self.skip_batches = 0
+        return iterator
 
 
 class _BaseDataModule(LightningDataModule):
@@ -108,27 +145,41 @@ class _BaseDataModule(LightningDataModule):
                     f"set data.batch_size to at most {n // world}."
                 )
 
-    def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
+    def _loader(self, dataset: Optional[Dataset], train: bool, sampler: Optional[Sampler] = None, **kwargs) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        """Shuffled by epoch from the run's seed; resumed mid-epoch, it continues where the
+        checkpoint stopped instead of replaying the epoch's first batches."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        batches = len(self.train_set) // self.batch_size
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
+        return self._loader(self.train_set, train=True, sampler=EpochShuffleSampler(len(self.train_set), seed),
+                            skip_batches=done if 0 < done < batches else 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        # Lightning's default DistributedSampler pads the ranks' shares with repeated images,
+        # which would bias the test bits/dim; this sampler gives each image to one rank once.
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                self.test_set, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return self._loader(self.test_set, train=False, sampler=sampler)
 
 
 def _check_held_out(name: str, size: int, minimum: int) -> None:

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
     The CLI prints it without a traceback and exits with status 2, before any
     training time is spent.
     """
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; raised before the optimizer step applies it."""

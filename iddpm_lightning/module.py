@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 
 from .diffusion import GaussianDiffusion, get_named_beta_schedule
 from .diffusion.resample import UniformSampler
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteLossError
 from .unet import build_unet
 
 
@@ -34,6 +34,23 @@ def seeded_generator(device: torch.device, *key: int) -> torch.Generator:
     """
     seed = int(np.random.SeedSequence([abs(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator(device=device).manual_seed(seed)
+
+
+STRUCTURE = ("in_channels", "image_size", "class_cond", "num_classes", "timesteps", "noise_schedule",
+             "model_var_type", "block_out_channels", "layers_per_block", "attention_resolutions")
+
+
+def check_compatible(saved: dict, hparams: dict) -> None:
+    """Raise a ConfigError naming every structural setting in which a checkpoint's
+    hyperparameters ``saved`` differ from the model's ``hparams``."""
+    differ = [f"{k}={saved[k]!r} (here {hparams[k]!r})" for k in STRUCTURE
+              if k in saved and k in hparams and saved[k] != hparams[k]
+              and (k != "num_classes" or hparams.get("class_cond"))]
+    if differ:
+        raise ConfigError(
+            f"the checkpoint was trained with {', '.join(differ)}; in_channels, image_size and num_classes "
+            f"follow the data, so use the data (and config) the checkpoint was trained with"
+        )
 
 
 class IDDPM(LightningModule):
@@ -131,19 +148,42 @@ class IDDPM(LightningModule):
     def _seed(self) -> int:
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
+    # ------------------------------------------------------------- checkpoints
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another model before its weights meet a size mismatch."""
+        check_compatible(checkpoint.get("hyper_parameters", {}), self.hparams)
+
     # ---------------------------------------------------------------- training
 
     def training_step(self, batch, batch_idx: int):
         x_start, labels = batch  # (B, C, H, W) in [-1, 1], (B,)
-        g = seeded_generator(self.device, self._seed(), self.global_rank, self.global_step, batch_idx)
+        # Everything random in this step is keyed by (seed, rank, batch number): t, ε, and
+        # (through the global generator) dropout. Ranks differ; a resumed run repeats exactly.
+        key = (self._seed(), self.global_rank, self.trainer.fit_loop.epoch_loop.total_batch_idx)
+        g = seeded_generator(self.device, *key)
+        torch.manual_seed(int(torch.randint(2**62, (), generator=g, device=self.device)))
         t, weights = self.timestep_sampler.sample(x_start.shape[0], self.device, generator=g)
         noise = torch.randn(x_start.shape, generator=g, device=self.device, dtype=x_start.dtype)
         terms = self.diffusion.training_losses(self.model_fn(self.unet, labels), x_start, t, noise=noise)
         loss = (terms["loss"] * weights).mean()
+        self._step_terms = (loss.detach(), terms)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mse", terms["mse"].mean())
         self.log("train/vb", terms["vb"].mean())
         return {"loss": loss, "timesteps": t, "losses": terms["loss"].detach()}
+
+    def on_before_optimizer_step(self, optimizer):
+        """Refuse to apply a non-finite loss: the weights (and every checkpoint) stay those
+        of the last good step. One host sync per optimizer step."""
+        loss, terms = self._step_terms
+        if not torch.isfinite(loss):
+            summary = ", ".join(f"{k}={v.float().mean().item():.4g}" for k, v in terms.items())
+            raise NonFiniteLossError(
+                f"the training loss is not finite at step {self.global_step} ({summary}); the weights were not "
+                f"updated and the last checkpoint is intact. Likely causes: a learning rate too high (model.lr), "
+                f"exploding gradients (set trainer.gradient_clip_val), or fp16 overflow (use bf16-mixed or 32-true)"
+            )
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -156,24 +196,17 @@ class IDDPM(LightningModule):
     # --------------------------------------------------------------------- EMA
 
     def on_train_start(self):
-        self._ema_step = self.global_step
         self._ema_n = int(self.ema_updates)
 
-    def on_before_optimizer_step(self, optimizer):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """The optimizer step, then the EMA update: once per step that really changed the
+        weights, so not per accumulated micro-batch (Lightning calls this once per step),
+        and not after a step the fp16 grad scaler skipped (it lowers its scale exactly then)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        self._scale_before_step = scaler.get_scale() if scaler is not None else None
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int):
-        """Update the EMA once per optimizer step that really changed the weights: not per
-        accumulated micro-batch, and not after a step the fp16 grad scaler skipped (it lowers
-        its scale exactly when it skips)."""
-        if self.global_step <= self._ema_step:
-            return
-        self._ema_step = self.global_step
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and self._scale_before_step is not None and scaler.get_scale() < self._scale_before_step:
-            return
-        self.update_ema()
+        scale = scaler.get_scale() if scaler is not None else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if scaler is None or scaler.get_scale() >= scale:
+            self.update_ema()
 
     @torch.no_grad()
     def update_ema(self):
@@ -246,6 +279,23 @@ class IDDPM(LightningModule):
         finally:
             unet.train(was_training)
 
+    def predict_dataloader(self):
+        """The sample indices 0..N-1 in batches; ``self.sampling`` (installed by the
+        ``predict`` settings callback) says how many and how to sample them."""
+        s = self.sampling
+        return torch.utils.data.DataLoader(torch.arange(s.num_samples), batch_size=s.batch_size)
+
+    def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Samples for ``indices`` [b]: uint8 images [b, H, W, C] rounded to the 256 levels."""
+        s = self.sampling
+        g = seeded_generator(self.device, s.seed, int(indices[0]))
+        labels = indices % self.hparams.num_classes if self.hparams.class_cond else None
+        x = self.sample(len(indices), s.sample_steps, s.sampler, s.eta, labels=labels, generator=g,
+                        progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None)
+        images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (b, H, W, C)
+        return {"index": indices, "image": images,
+                "label": labels if labels is not None else torch.zeros_like(indices)}
+
     def respaced(self, sample_steps: str | int) -> GaussianDiffusion:
         """The diffusion respaced to ``sample_steps`` (cached: respacing T = 4000 costs a few ms)."""
         cache = self.__dict__.setdefault("_respaced", {})
@@ -270,8 +320,11 @@ class IDDPM(LightningModule):
         x_start, labels = batch
         g = seeded_generator(self.device, self._seed(), self.global_rank, 2 * 10**9 + batch_idx)
         progress = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
-        out = self.diffusion.calc_bpd_loop(self.model_fn(self.eval_unet, labels), x_start, generator=g,
-                                           progress=progress)
+        # Bits/dim are evaluated in float32 whatever trainer.precision: a reported likelihood
+        # must not depend on the precision a run happened to train in.
+        with torch.autocast(self.device.type, enabled=False):
+            out = self.diffusion.calc_bpd_loop(self.model_fn(self.eval_unet, labels), x_start.float(), generator=g,
+                                               progress=progress)
         B = x_start.shape[0]
         self.test_bpd.update(out["total_bpd"])
         self.test_prior_bpd.update(out["prior_bpd"])

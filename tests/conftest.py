@@ -65,3 +65,24 @@ def write_tiny_cifar(root: Path, n_train: int = 20, n_test: int = 10, seed: int 
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
     return data, labels
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A file in the format of torch-fidelity's Inception weights, with random values: what
+    the FID callback loads, built here because tests have no network."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    from iddpm_lightning.callbacks.fid import INCEPTION_FILE
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+    mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+    try:
+        weights = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    finally:
+        mp.undo()
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
+    torch.save(weights, path)
+    return path

@@ -17,13 +17,17 @@ SMOKE = ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.
 
 
 @pytest.mark.parametrize("name", ["cifar10_hybrid", "cifar10_vlb"])
-def test_cifar10_configs_start(tmp_path, name):
+def test_cifar10_configs_start(tmp_path, name, inception_weights):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / inception_weights.name).symlink_to(inception_weights)  # the path the config names
     write_tiny_cifar(tmp_path / "cifar", n_train=10, n_test=8)
     run_cli("fit", "--config", str(REPO / "configs" / f"{name}.yaml"), f"--run_dir={tmp_path / 'run'}", *SMOKE,
             f"--data.root={tmp_path / 'cifar'}", "--data.val_size=4", cwd=tmp_path, timeout=600)
 
 
-def test_imagenet64_config_starts(tmp_path):
+def test_imagenet64_config_starts(tmp_path, inception_weights):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / inception_weights.name).symlink_to(inception_weights)
     rng = np.random.default_rng(0)
     for split, n in [("train", 6), ("val", 3)]:
         for i in range(n):
@@ -45,3 +49,12 @@ def test_digits_vlb_trains_with_the_importance_sampler(tmp_path):
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ImportanceSampler"))
     assert ckpt["hyper_parameters"]["loss_type"] == "vlb"
     assert int(state["loss_counts"].sum()) == 3 * 16  # every loss of the 3 steps is in the history
+
+
+def test_fid_without_inception_weights_stops_before_training(tmp_path):
+    write_tiny_cifar(tmp_path / "cifar", n_train=10, n_test=8)
+    proc = run_cli("fit", "--config", str(REPO / "configs" / "cifar10_hybrid.yaml"), f"--run_dir={tmp_path / 'run'}",
+                   *SMOKE, f"--data.root={tmp_path / 'cifar'}", "--data.val_size=4", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "weights-inception-2015-12-05-6726825d.pth" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -77,9 +77,10 @@ def test_train_loader_shuffles_and_drops_last_val_keeps_all(digits):
     train = digits.train_dataloader()
     sizes = [len(x) for x, _ in train]
     assert sizes == [100] * (1497 // 100)  # 97 images dropped
-    epoch1 = torch.cat([y for _, y in train])
-    epoch2 = torch.cat([y for _, y in train])
-    assert not torch.equal(epoch1, epoch2)
+    epoch0 = torch.cat([y for _, y in train])
+    assert torch.equal(epoch0, torch.cat([y for _, y in train]))  # the order is a function of (seed, epoch)
+    train.sampler.set_epoch(1)
+    assert not torch.equal(epoch0, torch.cat([y for _, y in train]))
     assert [len(x) for x, _ in digits.val_dataloader()] == [100, 50]
     assert [len(x) for x, _ in digits.test_dataloader()] == [100, 50]
     assert not train.persistent_workers  # requested only with workers
@@ -294,3 +295,12 @@ def test_image_folder_corrupt_files_reported_in_setup(folder):
     dm = ImageFolderDataModule(root=str(folder), val_size=1, batch_size=1)  # cheap __init__ passes
     with pytest.raises(ConfigError, match=r"2 of 8 image files under data\.root.*cat/empty\.jpg"):
         dm.setup("fit")
+
+
+def test_resumable_loader_skips_the_batches_already_trained_on_once():
+    from iddpm_lightning.data import ResumableDataLoader
+
+    data = torch.arange(10)
+    loader = ResumableDataLoader(data, batch_size=2, skip_batches=3)
+    assert [b.tolist() for b in loader] == [[6, 7], [8, 9]]
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # next epoch: all

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from iddpm_lightning.errors import ConfigError
+from iddpm_lightning.errors import ConfigError, NonFiniteLossError
 from iddpm_lightning.module import IDDPM, seeded_generator
 
 TINY = dict(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
@@ -62,14 +63,36 @@ def test_seeded_generator_is_keyed():
 
 
 def test_training_step_output_and_weighted_loss():
+    outputs = []
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, out, batch, batch_idx):
+            outputs.append(out)
+
+    fit(tiny(), steps=2, callbacks=[Recorder()])
+    for out in outputs:
+        assert set(out) == {"loss", "timesteps", "losses"}
+        assert out["timesteps"].shape == (8,) and out["timesteps"].dtype == torch.long
+        assert not out["losses"].requires_grad
+        torch.testing.assert_close(out["loss"], out["losses"].mean())  # uniform sampler: every weight is 1
+    assert not torch.equal(outputs[0]["timesteps"], outputs[1]["timesteps"])
+
+
+def test_a_non_finite_loss_stops_before_the_weights_change(tmp_path):
+    x = torch.rand(32, 1, 8, 8) * 2 - 1
+    x[20] = float("nan")  # in the third batch of 8
+    loader = DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)), batch_size=8)
     model = tiny()
-    x = torch.rand(6, 1, 8, 8) * 2 - 1
-    model._trainer = None
-    out = model.training_step((x, torch.zeros(6, dtype=torch.long)), 0)
-    assert set(out) == {"loss", "timesteps", "losses"}
-    assert out["timesteps"].shape == (6,) and out["timesteps"].dtype == torch.long
-    assert not out["losses"].requires_grad
-    torch.testing.assert_close(out["loss"].detach(), out["losses"].mean())  # uniform: weights are 1
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
+    trainer = Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, callbacks=[ckpt])
+    with pytest.raises(NonFiniteLossError, match=r"not finite at step 2 \(loss=nan.*model.lr"):
+        trainer.fit(model, loader)
+    assert trainer.global_step == 2
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_ema_follows_weights_once_per_optimizer_step_with_warmup():

@@ -1,6 +1,10 @@
-"""Callbacks: importance sampling of t, sample grids."""
+"""Callbacks: importance sampling of t, bits/dim and FID during validation, sample grids,
+and the writer behind `predict`."""
 
+from .fid import FID
 from .importance import ImportanceSampler
+from .nll import BitsPerDim
 from .samples import SampleGrid
+from .writer import SampleWriter
 
-__all__ = ["ImportanceSampler", "SampleGrid"]
+__all__ = ["BitsPerDim", "FID", "ImportanceSampler", "SampleGrid", "SampleWriter"]
