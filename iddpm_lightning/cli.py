@@ -49,7 +49,7 @@ class IDDPMCLI(LightningCLI):
         parser.add_lightning_class_args(SampleWriter, "sampling")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000})
 
-    # -------------------------------------------------------------- run dir
+    # --------------------------------------------------- run dir and checkpoints
 
     def _run_dir(self) -> Path:
         return Path(self.config[self.subcommand].run_dir)
@@ -58,6 +58,7 @@ class IDDPMCLI(LightningCLI):
         """Check ``--ckpt_path`` before anything is built: ``last`` becomes the run's
         last.ckpt (so the model is rebuilt from its hyperparameters, as for a path); a
         missing, corrupt or unsafe file is one clear error; test and predict need one."""
+        self._ckpt_hparams = {}
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -72,7 +73,6 @@ class IDDPMCLI(LightningCLI):
             if last.is_file():
                 cfg.ckpt_path = str(last)
         path = cfg.get("ckpt_path")
-        self._ckpt_hparams = {}
         if path and path not in ("last", "best", "hpc", "registry"):
             hparams = read_checkpoint(path).get("hyper_parameters", {})
             hparams.pop("_instantiator", None)

@@ -25,6 +25,11 @@ from .errors import ConfigError, NonFiniteLossError
 from .unet import build_unet
 
 
+def derive_seed(*key: int) -> int:
+    """A 63-bit seed from a tuple of non-negative integers (computed on the host: no sync)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
+
+
 def seeded_generator(device: torch.device, *key: int) -> torch.Generator:
     """A generator seeded from a tuple of integers, e.g. (seed, rank, step, batch).
 
@@ -32,8 +37,7 @@ def seeded_generator(device: torch.device, *key: int) -> torch.Generator:
     rank (a global seed alone would give every GPU the same t and ε) and makes a
     resumed run draw exactly what the uninterrupted run would have.
     """
-    seed = int(np.random.SeedSequence([abs(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(derive_seed(*key))
 
 
 STRUCTURE = ("in_channels", "image_size", "class_cond", "num_classes", "timesteps", "noise_schedule",
@@ -162,7 +166,7 @@ class IDDPM(LightningModule):
         # (through the global generator) dropout. Ranks differ; a resumed run repeats exactly.
         key = (self._seed(), self.global_rank, self.trainer.fit_loop.epoch_loop.total_batch_idx)
         g = seeded_generator(self.device, *key)
-        torch.manual_seed(int(torch.randint(2**62, (), generator=g, device=self.device)))
+        torch.manual_seed(derive_seed(*key, 1))  # dropout
         t, weights = self.timestep_sampler.sample(x_start.shape[0], self.device, generator=g)
         noise = torch.randn(x_start.shape, generator=g, device=self.device, dtype=x_start.dtype)
         terms = self.diffusion.training_losses(self.model_fn(self.unet, labels), x_start, t, noise=noise)
@@ -351,7 +355,8 @@ class IDDPM(LightningModule):
     def save_test_results(self, summary: dict, vb: np.ndarray, mse: np.ndarray):
         """Write ``test/bpd.json`` (the breakdown) and the per-timestep mean L_t (bits/dim)
         as ``test/vb_curve.{npz,png}`` in the run directory."""
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test"
+        # default_root_dir is the run directory; trainer.log_dir would broadcast, and this runs on rank 0 only.
+        out_dir = Path(self.trainer.default_root_dir) / "test"
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bpd.json").write_text(json.dumps(summary, indent=2) + "\n")
         count = summary["num_images"]

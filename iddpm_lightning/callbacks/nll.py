@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 
 class BitsPerDim(Callback):
     """Logs ``val/bpd`` and ``val/bpd_se`` every ``every_n_val_epochs`` validations (not
-    during the sanity check), using the module's eval (EMA) weights.
+    during the sanity check or ``fast_dev_run``), using the module's eval (EMA) weights.
 
     The images are the first ``num_images`` of the validation loader, in its batches (it
     is not shuffled, so they are the same every time). Under DDP each rank takes the first
@@ -86,7 +86,7 @@ class BitsPerDim(Callback):
         self._val_epochs = int(state_dict.get("val_epochs", 0))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.fast_dev_run:
             return
         self._val_epochs += 1
         if self._val_epochs % self.every_n_val_epochs != 0:

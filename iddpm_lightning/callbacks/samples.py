@@ -72,7 +72,8 @@ class SampleGrid(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", grid.clamp(0, 1), trainer.global_step)
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
+        # default_root_dir, not trainer.log_dir: that one broadcasts, and this runs on rank 0 only.
+        path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
         return path
