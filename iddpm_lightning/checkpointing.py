@@ -89,8 +89,13 @@ class GracefulStop(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A run that ends between two periodic checkpoints still leaves its final state."""
-        if trainer.checkpoint_callback is not None and not trainer.fast_dev_run and self._saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.last_checkpoint_path(trainer))
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and not trainer.fast_dev_run and self._saved_step != trainer.global_step:
+            path = self.last_checkpoint_path(trainer)
+            trainer.save_checkpoint(path)
+            # ModelCheckpoint may save "last" at the end too: naming the file as its own keeps
+            # it from versioning the name to last-v1.ckpt.
+            ckpt.last_model_path = str(path)
 
     @staticmethod
     def last_checkpoint_path(trainer: Trainer) -> Path:

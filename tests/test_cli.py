@@ -25,6 +25,8 @@ def test_fit_resume_test(tmp_path, digits_config):
     assert f"Run directory: {run}" in fit.stdout
     last = run / "checkpoints" / "last.ckpt"
     assert global_step(last) == 4
+    # one "last" checkpoint, not a versioned last-v1.ckpt next to it
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     assert (run / "config.yaml").exists() and list(run.glob("events.out.tfevents.*"))
 
     # A new run into the same directory would overwrite it: refused, nothing touched.
@@ -38,6 +40,7 @@ def test_fit_resume_test(tmp_path, digits_config):
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and int(ckpt["state_dict"]["ema_updates"]) == 6
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
 
     test = run_cli("test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=2", cwd=tmp_path)
     assert "Test bits/dim" in test.stdout
