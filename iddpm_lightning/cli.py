@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .callbacks.writer import SampleWriter
 from .checkpointing import AtomicCheckpointIO, GracefulStop, read_checkpoint, unreadable_checkpoint
 from .errors import ConfigError, NonFiniteLossError
-from .module import IDDPM, check_compatible
+from .module import IDDPM, RUNTIME, check_compatible
 
 
 class IDDPMCLI(LightningCLI):
@@ -75,7 +75,8 @@ class IDDPMCLI(LightningCLI):
         path = cfg.get("ckpt_path")
         if path and path not in ("last", "best", "hpc", "registry"):
             hparams = read_checkpoint(path).get("hyper_parameters", {})
-            hparams.pop("_instantiator", None)
+            for key in ("_instantiator", *RUNTIME):
+                hparams.pop(key, None)
             if hparams:
                 self._ckpt_hparams = dict(hparams)
                 try:

@@ -44,6 +44,11 @@ STRUCTURE = ("in_channels", "image_size", "class_cond", "num_classes", "timestep
              "model_var_type", "block_out_channels", "layers_per_block", "attention_resolutions")
 
 
+# How to run a model, not what it is: with --ckpt_path these come from the config and
+# command line, not from the checkpoint's hyperparameters.
+RUNTIME = ("eval_with_ema", "bpd_batch_size", "channels_last", "compile")
+
+
 def check_compatible(saved: dict, hparams: dict) -> None:
     """Raise a ConfigError naming every structural setting in which a checkpoint's
     hyperparameters ``saved`` differ from the model's ``hparams``."""
@@ -84,6 +89,13 @@ class IDDPM(LightningModule):
         ema_warmup: Use min(ema_decay, (1 + n) / (10 + n)) after n updates, so that a short
             run's average is not dominated by the random initial weights.
         eval_with_ema: Validate, test and sample with the EMA weights (else the raw ones).
+        bpd_batch_size: Model inputs per forward pass when evaluating bits/dim (``test``
+            and the ``BitsPerDim`` callback): ``bpd_batch_size // B`` timesteps of the same
+            B images share one call. It changes no number (beyond float rounding), only speed
+            and memory; on one image per batch it is what keeps the hardware busy.
+        channels_last: Run the UNets in channels-last memory format (faster convolutions on
+            GPUs with tensor cores, and often on CPUs with oneDNN).
+        compile: ``torch.compile`` the UNets (the first steps pay the compilation).
     """
 
     def __init__(
@@ -107,6 +119,9 @@ class IDDPM(LightningModule):
         ema_decay: float = 0.9999,
         ema_warmup: bool = False,
         eval_with_ema: bool = True,
+        bpd_batch_size: int = 256,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -124,12 +139,21 @@ class IDDPM(LightningModule):
             raise ConfigError("model.class_cond is true but the data has no class labels; set class_cond: false")
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
+        if bpd_batch_size < 1:
+            raise ConfigError(f"model.bpd_batch_size={bpd_batch_size} must be at least 1, e.g. 256")
         out_channels = 2 * in_channels if model_var_type == "learned_range" else in_channels
         self.unet = build_unet(
             image_size, in_channels, out_channels, block_out_channels, layers_per_block,
             attention_resolutions, attention_head_dim, dropout, num_classes if class_cond else None,
         )
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        if compile:
+            # In place (Module.compile): the state dict keeps its keys, so checkpoints of
+            # compiled and eager runs are interchangeable.
+            self.unet.compile()
+            self.ema_unet.compile()
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.timestep_sampler = UniformSampler(timesteps)
 
@@ -145,9 +169,17 @@ class IDDPM(LightningModule):
         return self.ema_unet if self.hparams.eval_with_ema else self.unet
 
     def model_fn(self, unet, labels: torch.Tensor | None = None):
-        """The ``model(x_t, t)`` callable GaussianDiffusion expects, for a UNet and labels."""
+        """The ``model(x_t, t)`` callable GaussianDiffusion expects, for a UNet and the B
+        labels of a batch. Given k·B inputs (timesteps batched over the same images, t-major)
+        it repeats the labels k times."""
         labels = labels if self.hparams.class_cond else None
-        return lambda x_t, t: unet(x_t, t, class_labels=labels).sample
+        memory_format = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
+
+        def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            y = labels if labels is None or len(labels) == len(x_t) else labels.repeat(len(x_t) // len(labels))
+            return unet(x_t.contiguous(memory_format=memory_format), t, class_labels=y).sample
+
+        return model
 
     def _seed(self) -> int:
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -328,7 +360,7 @@ class IDDPM(LightningModule):
         # must not depend on the precision a run happened to train in.
         with torch.autocast(self.device.type, enabled=False):
             out = self.diffusion.calc_bpd_loop(self.model_fn(self.eval_unet, labels), x_start.float(), generator=g,
-                                               progress=progress)
+                                               progress=progress, max_batch=self.hparams.bpd_batch_size)
         B = x_start.shape[0]
         self.test_bpd.update(out["total_bpd"])
         self.test_prior_bpd.update(out["prior_bpd"])

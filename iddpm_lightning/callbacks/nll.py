@@ -119,10 +119,11 @@ class BitsPerDim(Callback):
                     break
                 x_start = x_start[: per_rank - count].to(device)
                 model = pl_module.model_fn(unet, labels[: len(x_start)].to(device))
+                max_batch = pl_module.hparams.get("bpd_batch_size")
                 if self.exact:
-                    out = diffusion.calc_bpd_loop(model, x_start, generator=g)
+                    out = diffusion.calc_bpd_loop(model, x_start, generator=g, max_batch=max_batch)
                 else:
-                    out = diffusion.stratified_bpd(model, x_start, self.num_strata, generator=g)
+                    out = diffusion.stratified_bpd(model, x_start, self.num_strata, generator=g, max_batch=max_batch)
                     sums[1] += out["variance"].double().sum()
                 sums[0] += out["total_bpd"].double().sum()
                 count += len(x_start)

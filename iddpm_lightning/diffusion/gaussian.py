@@ -284,16 +284,40 @@ class GaussianDiffusion(nn.Module):
         mean, _, log_variance = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / LN2
 
-    @torch.no_grad()
+    def _vb_chunks(
+        self, model: Model, x_start: torch.Tensor, draws, max_batch: int | None, clip_denoised: bool
+    ):
+        """L_t for a sequence of draws (t [B], ε [B, C, H, W]) of the same images, evaluated
+        k = max(1, max_batch // B) draws per model call: the k·B inputs are t-major (input
+        j·B + b is image b at the j-th draw), so a class-conditional model repeats its B labels
+        k times. Batching changes no random number: the draws are made in the caller's order.
+        Yields, per draw: vb_t [B], x̂_0 [B, C, H, W], x_t [B, C, H, W]."""
+        B = x_start.shape[0]
+        k = max(1, (max_batch or B) // B)
+        draws = iter(draws)
+        while chunk := [d for _, d in zip(range(k), draws)]:
+            t = torch.cat([d[0] for d in chunk])  # (kB,)
+            noise = torch.cat([d[1] for d in chunk])  # (kB, C, H, W)
+            x0 = x_start.repeat(len(chunk), *([1] * (x_start.dim() - 1)))  # (kB, C, H, W)
+            x_t = self.q_sample(x0, t, noise)
+            vb_t, out = self.vb_terms_bpd(self._call_model(model, x_t, t), x0, x_t, t, clip_denoised)
+            for j in range(len(chunk)):
+                rows = slice(j * B, (j + 1) * B)
+                yield vb_t[rows], out["pred_xstart"][rows], x_t[rows]
+
+    @torch.inference_mode()
     def calc_bpd_loop(
         self, model: Model, x_start: torch.Tensor, clip_denoised: bool = True,
-        generator: torch.Generator | None = None, progress: bool = False,
+        generator: torch.Generator | None = None, progress: bool = False, max_batch: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Exact variational bound of x_0 [B, C, H, W] in bits per dim: L_T + Σ_t L_t.
 
         Each t draws a fresh ε (from ``generator`` if given, in the order t = T-1, ..., 0
-        like the paper's code) and evaluates one model call; x̂_0 is clipped to [−1, 1] as
-        the paper's evaluation does.
+        like the paper's code) and evaluates L_t with x̂_0 clipped to [−1, 1] as the
+        paper's evaluation does. ``max_batch`` (default B): model inputs per forward pass;
+        k = max_batch // B timesteps of the same images share one call (see ``_vb_chunks``),
+        T / k calls in all. The numbers do not depend on it beyond float rounding; on one
+        image it is what makes the loop fast (one image per call leaves the hardware idle).
 
         Returns (column t of every [B, T] array is timestep t — ascending, whereas the
         paper's code stacks its columns from T-1 down to 0):
@@ -303,16 +327,23 @@ class GaussianDiffusion(nn.Module):
             xstart_mse [B, T]  mean over dims of (x̂_0 − x_0)²
             mse [B, T]      mean over dims of (ε(x̂_0) − ε)², ε(x̂_0) implied by the clipped x̂_0
         """
-        B, T = x_start.shape[0], self.num_timesteps
+        B, T, device = x_start.shape[0], self.num_timesteps, x_start.device
+        timesteps = range(T - 1, -1, -1)
+        noises = {}
+
+        def draws():
+            for t in timesteps:
+                noises[t] = torch.randn(x_start.shape, generator=generator, device=device, dtype=x_start.dtype)
+                yield torch.full((B,), t, device=device, dtype=torch.long), noises[t]
+
         vb, xstart_mse, mse = (x_start.new_zeros(B, T) for _ in range(3))
-        for t in tqdm(range(T - 1, -1, -1), desc="bits/dim", disable=not progress, leave=False):
-            t_batch = torch.full((B,), t, device=x_start.device, dtype=torch.long)
-            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
-            x_t = self.q_sample(x_start, t_batch, noise)
-            vb_t, out = self.vb_terms_bpd(self._call_model(model, x_t, t_batch), x_start, x_t, t_batch, clip_denoised)
+        results = self._vb_chunks(model, x_start, draws(), max_batch, clip_denoised)
+        for t, (vb_t, pred_xstart, x_t) in tqdm(zip(timesteps, results), total=T, desc="bits/dim",
+                                                 disable=not progress, leave=False):
+            t_batch = torch.full((B,), t, device=device, dtype=torch.long)
             vb[:, t] = vb_t
-            xstart_mse[:, t] = mean_flat((out["pred_xstart"] - x_start) ** 2)
-            mse[:, t] = mean_flat((self.predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"]) - noise) ** 2)
+            xstart_mse[:, t] = mean_flat((pred_xstart - x_start) ** 2)
+            mse[:, t] = mean_flat((self.predict_eps_from_xstart(x_t, t_batch, pred_xstart) - noises.pop(t)) ** 2)
         prior_bpd = self.prior_bpd(x_start)
         return {
             "total_bpd": vb.sum(dim=1) + prior_bpd,
@@ -322,10 +353,10 @@ class GaussianDiffusion(nn.Module):
             "mse": mse,
         }
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stratified_bpd(
         self, model: Model, x_start: torch.Tensor, num_strata: int, clip_denoised: bool = True,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, max_batch: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Unbiased stratified estimate of ``calc_bpd_loop``'s total bits/dim, L_T + Σ_t L_t,
         with 2K model calls instead of T, and an unbiased estimate of its own variance.
@@ -345,8 +376,8 @@ class GaussianDiffusion(nn.Module):
 
         The second draw per stratum exists only so that this variance can be estimated
         (one draw per stratum would leave σ_k² unidentifiable). With K = T every stratum
-        is one t, and X_a, X_b differ only in ε. Model calls: one per (stratum, draw),
-        over the whole batch.
+        is one t, and X_a, X_b differ only in ε. Model calls: 2K over the batch, or fewer
+        with ``max_batch`` > B (as in ``calc_bpd_loop``).
 
         Returns total_bpd [B], variance [B] (of total_bpd, given x_0), prior_bpd [B].
         """
@@ -356,17 +387,18 @@ class GaussianDiffusion(nn.Module):
         B, device = x_start.shape[0], x_start.device
         bounds = log_strata(T, num_strata)
         starts, sizes = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-        total, variance = x_start.new_zeros(B), x_start.new_zeros(B)
-        for start, size in zip(starts, sizes):
-            draws = []
-            for _ in range(2):
-                t = start + torch.randint(0, size, (B,), generator=generator, device=device)
-                noise = torch.randn(x_start.shape, generator=generator, device=device, dtype=x_start.dtype)
-                x_t = self.q_sample(x_start, t, noise)
-                vb_t, _ = self.vb_terms_bpd(self._call_model(model, x_t, t), x_start, x_t, t, clip_denoised)
-                draws.append(size * vb_t)
-            total += (draws[0] + draws[1]) / 2
-            variance += (draws[0] - draws[1]) ** 2 / 4
+        sizes_per_draw = [size for size in sizes for _ in range(2)]  # (stratum, draw) order
+
+        def draws():
+            for start, size in zip(starts, sizes):
+                for _ in range(2):
+                    t = start + torch.randint(0, size, (B,), generator=generator, device=device)
+                    yield t, torch.randn(x_start.shape, generator=generator, device=device, dtype=x_start.dtype)
+
+        x = [size * vb_t for size, (vb_t, _, _) in
+             zip(sizes_per_draw, self._vb_chunks(model, x_start, draws(), max_batch, clip_denoised))]
+        x_a, x_b = torch.stack(x[0::2]), torch.stack(x[1::2])  # (K, B) each
+        total, variance = ((x_a + x_b) / 2).sum(dim=0), ((x_a - x_b) ** 2 / 4).sum(dim=0)
         prior_bpd = self.prior_bpd(x_start)
         return {"total_bpd": total + prior_bpd, "variance": variance, "prior_bpd": prior_bpd}
 

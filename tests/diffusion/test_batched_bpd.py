@@ -1,0 +1,74 @@
+"""Batched likelihood evaluation: ``max_batch`` puts several timesteps of the same images
+into one model call. It must change no number (the same ε in the same order as a plain
+one-call-per-t loop written here) and lay the k·B inputs out t-major."""
+
+import torch
+
+from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
+
+from .test_gaussian import ToyModel, grid_image
+
+F64 = torch.float64
+
+
+def plain_bpd_loop(d: GaussianDiffusion, model, x0, generator):
+    """The straightforward loop: t = T-1..0, a fresh ε per t, one model call per t."""
+    B, T = x0.shape[0], d.num_timesteps
+    vb = torch.zeros(B, T, dtype=x0.dtype)
+    for t in range(T - 1, -1, -1):
+        t_b = torch.full((B,), t, dtype=torch.long)
+        x_t = d.q_sample(x0, t_b, torch.randn(x0.shape, generator=generator, dtype=x0.dtype))
+        vb[:, t], _ = d.vb_terms_bpd(model(x_t, t_b), x0, x_t, t_b, clip_denoised=True)
+    return vb
+
+
+def test_batched_timesteps_give_the_plain_loops_numbers_with_fewer_calls():
+    T, B, C = 12, 3, 2
+    d = GaussianDiffusion(get_named_beta_schedule("cosine", T))
+    x0 = grid_image((B, C, 4, 4), 61)
+    reference = plain_bpd_loop(d, ToyModel(C, learned=True, seed=62), x0, torch.Generator().manual_seed(5))
+    outs = {}
+    for k in (1, 5, 12, 40):  # 5 does not divide T: chunks of 5, 5, 2
+        model = ToyModel(C, learned=True, seed=62, record=True)
+        outs[k] = d.calc_bpd_loop(model, x0, generator=torch.Generator().manual_seed(5), max_batch=k * B)
+        k_eff = min(k, T)
+        assert len(model.calls) == -(-T // k_eff)
+        first = model.calls[0]["t"]
+        # t-major: rows j*B .. (j+1)*B - 1 are the B images at the j-th timestep, T-1 first
+        assert first.tolist() == [t for t in range(T - 1, T - 1 - min(k_eff, T), -1) for _ in range(B)]
+        torch.testing.assert_close(outs[k]["vb"], reference, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(outs[k]["total_bpd"], reference.sum(1) + d.prior_bpd(x0), rtol=1e-12, atol=0)
+    for key in ("mse", "xstart_mse"):
+        for k in (5, 12, 40):
+            torch.testing.assert_close(outs[k][key], outs[1][key], rtol=1e-12, atol=1e-14)
+
+
+def test_batched_inputs_are_the_images_repeated_per_timestep():
+    T, B, C = 6, 2, 1
+    d = GaussianDiffusion(get_named_beta_schedule("cosine", T))
+    x0 = grid_image((B, C, 4, 4), 63)
+    model = ToyModel(C, learned=True, seed=64, record=True)
+    d.calc_bpd_loop(model, x0, generator=torch.Generator().manual_seed(0), max_batch=3 * B)
+    abar = d.alphas_cumprod
+    for call in model.calls:
+        x_t, t = call["x"], call["t"]
+        # remove the signal √ᾱ_t x_0 of image (row mod B): the rest is noise of variance 1 − ᾱ_t,
+        # which it would not be if a row had another image's signal
+        eps = (x_t - abar[t].sqrt().view(-1, 1, 1, 1) * x0.repeat(len(t) // B, 1, 1, 1)) / (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+        assert eps.abs().max() < 6
+        wrong = (x_t - abar[t].sqrt().view(-1, 1, 1, 1) * x0.flip(0).repeat(len(t) // B, 1, 1, 1))
+        assert (wrong - eps * (1 - abar[t]).sqrt().view(-1, 1, 1, 1)).abs().max() > 1e-3
+
+
+def test_batched_stratified_estimate_draws_the_same_t_and_noise():
+    T, B, C, K = 50, 4, 1, 7
+    d = GaussianDiffusion(get_named_beta_schedule("cosine", T))
+    x0 = grid_image((B, C, 4, 4), 65)
+    model = ToyModel(C, learned=True, seed=66)
+    plain = d.stratified_bpd(model, x0, K, generator=torch.Generator().manual_seed(3))
+    recording = ToyModel(C, learned=True, seed=66, record=True)
+    batched = d.stratified_bpd(recording, x0, K, generator=torch.Generator().manual_seed(3), max_batch=6 * B)
+    assert len(recording.calls) == -(-2 * K // 6)
+    for key in ("total_bpd", "variance", "prior_bpd"):
+        torch.testing.assert_close(batched[key], plain[key], rtol=1e-12, atol=1e-14)
+    assert plain["variance"].min() > 0
