@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import machine as common_machine
 from iddpm_lightning.diffusion.resample import LossSecondMomentResampler
 
 
@@ -117,17 +116,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["loop"] / med["vectorized"]
     ratio_item = med["loop+item"] / med["vectorized"]
-    machine = {
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
+    machine = common_machine()
 
     print(f"machine: {machine['cpu_count']} CPUs, torch {machine['torch']} "
           f"({machine['torch_threads']} threads), numpy {machine['numpy']}, {machine['platform']}, "

@@ -434,7 +434,7 @@ class GaussianDiffusion(nn.Module):
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def p_sample_loop(
         self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None, clip_denoised: bool = True,
         generator: torch.Generator | None = None, progress: bool = False, device: torch.device | str | None = None,
@@ -443,7 +443,7 @@ class GaussianDiffusion(nn.Module):
         return self._sample_loop(self.p_sample, model, shape, noise, generator, progress, device,
                                  clip_denoised=clip_denoised)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def ddim_sample_loop(
         self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None, clip_denoised: bool = True,
         eta: float = 0.0, generator: torch.Generator | None = None, progress: bool = False,
