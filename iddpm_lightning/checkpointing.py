@@ -81,27 +81,38 @@ class GracefulStop(Callback):
     def _save(self, trainer: Trainer, why: str) -> None:
         if self._saved_step == trainer.global_step:
             return
-        path = self.last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
-        self._saved_step = trainer.global_step
+        self._save_last(trainer)
         if trainer.is_global_zero:
-            print(f"{why}: saved step {trainer.global_step} to {path}; resume with --ckpt_path last", flush=True)
+            print(f"{why}: saved step {trainer.global_step} to {self.last_checkpoint_path(trainer)}; "
+                  f"resume with --ckpt_path last", flush=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A run that ends between two periodic checkpoints still leaves its final state."""
         ckpt = trainer.checkpoint_callback
-        if ckpt is not None and not trainer.fast_dev_run and self._saved_step != trainer.global_step:
-            path = self.last_checkpoint_path(trainer)
-            trainer.save_checkpoint(path)
-            # ModelCheckpoint may save "last" at the end too: naming the file as its own keeps
-            # it from versioning the name to last-v1.ckpt.
+        if ckpt is None or trainer.fast_dev_run or self._saved_step == trainer.global_step:
+            return
+        if getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step:
+            return  # ModelCheckpoint saved this very step already
+        self._save_last(trainer)
+
+    def _save_last(self, trainer: Trainer) -> None:
+        path = self.last_checkpoint_path(trainer)
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None:
+            # Claim the file as ModelCheckpoint's own "last" (set before saving, since it is part
+            # of the saved state): otherwise its next "last" save, at the end of this run or
+            # after a resume, sees a foreign last.ckpt and writes last-v1.ckpt instead.
             ckpt.last_model_path = str(path)
+        trainer.save_checkpoint(path)
+        self._saved_step = trainer.global_step
 
     @staticmethod
-    def last_checkpoint_path(trainer: Trainer) -> Path:
+    def last_checkpoint_path(trainer: Trainer) -> str:
+        """``<checkpoint dir>/last.ckpt``, spelled as ModelCheckpoint spells its paths."""
         ckpt = trainer.checkpoint_callback
-        directory = ckpt.dirpath if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
-        return Path(directory) / "last.ckpt"
+        directory = ckpt.dirpath if ckpt is not None and ckpt.dirpath else os.path.join(trainer.default_root_dir,
+                                                                                           "checkpoints")
+        return os.path.join(directory, "last.ckpt")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._previous_handler is not None:

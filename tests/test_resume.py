@@ -57,7 +57,8 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, config):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_leaves_a_checkpoint_of_a_finished_step_and_resumes(tmp_path, sig):
     run = tmp_path / "run"
-    args = ["--config", str(REPO / "configs" / "digits.yaml"), f"--run_dir={run}", *TINY]
+    # a "./"-relative run_dir: Lightning must still recognise our last.ckpt as its own
+    args = ["--config", str(REPO / "configs" / "digits.yaml"), "--run_dir=./run", *TINY]
     proc = subprocess.Popen([sys.executable, "-m", "iddpm_lightning", "fit", *args, "--trainer.max_steps=100000",
                              "--checkpoint.every_n_train_steps=1000"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -73,8 +74,10 @@ def test_a_stop_signal_leaves_a_checkpoint_of_a_finished_step_and_resumes(tmp_pa
     ckpt = load(run / "checkpoints" / "last.ckpt")
     stopped = ckpt["global_step"]
     assert stopped >= 1 and int(ckpt["state_dict"]["ema_updates"]) == stopped
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     run_cli("fit", *args, f"--trainer.max_steps={stopped + 2}", "--ckpt_path=last", cwd=tmp_path)
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == stopped + 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
