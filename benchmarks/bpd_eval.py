@@ -70,8 +70,8 @@ def main() -> None:
     times, totals = {}, {}
     for n in args.images:
         x = images(base, n, device)
-        for name in models:  # warm-up (and compilation) on a short slice of the images
-            run(name, x[:1])
+        for name in models:  # warm-up (and compilation) at the timed shapes
+            run(name, x)
         methods = {f"{name} @ {n}": (lambda name=name: record(name)) for name in models}
 
         def record(name: str, x=x, n=n) -> float:

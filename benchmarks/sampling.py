@@ -9,7 +9,8 @@ Same UNet, same weights, same batch, 100 model calls each:
   variance_type="learned_range")`` and ``num_inference_steps=100`` (its own "leading"
   spacing of the 100 steps).
 
-Both return images in [0, 1] as numpy arrays (the pipeline's ``output_type="np"``).
+Both return images in [0, 1] as numpy arrays (the pipeline's ``output_type="np"``). Ours runs
+under ``torch.inference_mode``, the pipeline under ``torch.no_grad``.
 
     python benchmarks/sampling.py [--config configs/digits.yaml] [--batch-size 64] [--rounds 5] [--compile]
 """

@@ -90,12 +90,16 @@ class IDDPM(LightningModule):
             run's average is not dominated by the random initial weights.
         eval_with_ema: Validate, test and sample with the EMA weights (else the raw ones).
         bpd_batch_size: Model inputs per forward pass when evaluating bits/dim (``test``
-            and the ``BitsPerDim`` callback): ``bpd_batch_size // B`` timesteps of the same
-            B images share one call. It changes no number (beyond float rounding), only speed
-            and memory; on one image per batch it is what keeps the hardware busy.
+            and the ``BitsPerDim`` callback): k = ``bpd_batch_size // B`` timesteps of the
+            same B images share one call, so a call sees max(B, bpd_batch_size) inputs at
+            most (a batch larger than it is not split). It changes no number (beyond float
+            rounding), only speed and memory; on one image per batch it is what keeps the
+            hardware busy.
         channels_last: Run the UNets in channels-last memory format (faster convolutions on
             GPUs with tensor cores, and often on CPUs with oneDNN).
-        compile: ``torch.compile`` the UNets (the first steps pay the compilation).
+        compile: ``torch.compile`` the UNets (the first steps pay the compilation). With
+            dropout, compiled training draws other dropout masks than eager (inductor's own
+            random streams), so keep it unchanged across a resume for an exact resume.
     """
 
     def __init__(

@@ -17,6 +17,7 @@ each lookup indexes first and then casts to the data's dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -42,6 +43,20 @@ def log_strata(num_timesteps: int, num_strata: int) -> list[int]:
     for k in range(1, num_strata):
         bounds.append(max(round(num_timesteps ** (k / num_strata)), bounds[-1] + 1))
     return bounds + [num_timesteps]
+
+
+def inference(fn):
+    """Run ``fn`` under ``torch.inference_mode`` (no autograd bookkeeping at all) and return
+    clones made outside it: ordinary tensors, which callers may change in place or use with
+    autograd (inference tensors refuse both)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return {k: v.clone() for k, v in out.items()} if isinstance(out, dict) else out.clone()
+
+    return wrapper
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -305,7 +320,7 @@ class GaussianDiffusion(nn.Module):
                 rows = slice(j * B, (j + 1) * B)
                 yield vb_t[rows], out["pred_xstart"][rows], x_t[rows]
 
-    @torch.inference_mode()
+    @inference
     def calc_bpd_loop(
         self, model: Model, x_start: torch.Tensor, clip_denoised: bool = True,
         generator: torch.Generator | None = None, progress: bool = False, max_batch: int | None = None,
@@ -353,7 +368,7 @@ class GaussianDiffusion(nn.Module):
             "mse": mse,
         }
 
-    @torch.inference_mode()
+    @inference
     def stratified_bpd(
         self, model: Model, x_start: torch.Tensor, num_strata: int, clip_denoised: bool = True,
         generator: torch.Generator | None = None, max_batch: int | None = None,
@@ -376,8 +391,8 @@ class GaussianDiffusion(nn.Module):
 
         The second draw per stratum exists only so that this variance can be estimated
         (one draw per stratum would leave σ_k² unidentifiable). With K = T every stratum
-        is one t, and X_a, X_b differ only in ε. Model calls: 2K over the batch, or fewer
-        with ``max_batch`` > B (as in ``calc_bpd_loop``).
+        is one t, and X_a, X_b differ only in ε. Model calls: 2K over the batch, or
+        ⌈2K / k⌉ with k = ``max_batch`` // B ≥ 2 draws per call (as in ``calc_bpd_loop``).
 
         Returns total_bpd [B], variance [B] (of total_bpd, given x_0), prior_bpd [B].
         """
@@ -434,7 +449,7 @@ class GaussianDiffusion(nn.Module):
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
-    @torch.inference_mode()
+    @inference
     def p_sample_loop(
         self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None, clip_denoised: bool = True,
         generator: torch.Generator | None = None, progress: bool = False, device: torch.device | str | None = None,
@@ -443,7 +458,7 @@ class GaussianDiffusion(nn.Module):
         return self._sample_loop(self.p_sample, model, shape, noise, generator, progress, device,
                                  clip_denoised=clip_denoised)
 
-    @torch.inference_mode()
+    @inference
     def ddim_sample_loop(
         self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None, clip_denoised: bool = True,
         eta: float = 0.0, generator: torch.Generator | None = None, progress: bool = False,

@@ -5,6 +5,7 @@ one-call-per-t loop written here) and lay the k·B inputs out t-major."""
 import torch
 
 from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
+from iddpm_lightning.diffusion.gaussian import log_strata
 
 from .test_gaussian import ToyModel, grid_image
 
@@ -60,15 +61,45 @@ def test_batched_inputs_are_the_images_repeated_per_timestep():
         assert (wrong - eps * (1 - abar[t]).sqrt().view(-1, 1, 1, 1)).abs().max() > 1e-3
 
 
+def plain_stratified(d: GaussianDiffusion, model, x0, K, generator):
+    """The estimator written out: per stratum two draws (t then ε), one model call each."""
+    bounds = log_strata(d.num_timesteps, K)
+    total, variance = d.prior_bpd(x0), torch.zeros(x0.shape[0], dtype=x0.dtype)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        x = []
+        for _ in range(2):
+            t = start + torch.randint(0, end - start, (x0.shape[0],), generator=generator)
+            x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=generator, dtype=x0.dtype))
+            x.append((end - start) * d.vb_terms_bpd(model(x_t, t), x0, x_t, t, clip_denoised=True)[0])
+        total, variance = total + (x[0] + x[1]) / 2, variance + (x[0] - x[1]) ** 2 / 4
+    return total, variance
+
+
 def test_batched_stratified_estimate_draws_the_same_t_and_noise():
     T, B, C, K = 50, 4, 1, 7
     d = GaussianDiffusion(get_named_beta_schedule("cosine", T))
     x0 = grid_image((B, C, 4, 4), 65)
-    model = ToyModel(C, learned=True, seed=66)
-    plain = d.stratified_bpd(model, x0, K, generator=torch.Generator().manual_seed(3))
-    recording = ToyModel(C, learned=True, seed=66, record=True)
-    batched = d.stratified_bpd(recording, x0, K, generator=torch.Generator().manual_seed(3), max_batch=6 * B)
-    assert len(recording.calls) == -(-2 * K // 6)
-    for key in ("total_bpd", "variance", "prior_bpd"):
-        torch.testing.assert_close(batched[key], plain[key], rtol=1e-12, atol=1e-14)
-    assert plain["variance"].min() > 0
+    total, variance = plain_stratified(d, ToyModel(C, learned=True, seed=66), x0, K, torch.Generator().manual_seed(3))
+    assert variance.min() > 0
+    for max_batch in (None, 6 * B):
+        recording = ToyModel(C, learned=True, seed=66, record=True)
+        out = d.stratified_bpd(recording, x0, K, generator=torch.Generator().manual_seed(3), max_batch=max_batch)
+        assert len(recording.calls) == (2 * K if max_batch is None else -(-2 * K // 6))
+        torch.testing.assert_close(out["total_bpd"], total, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(out["variance"], variance, rtol=1e-12, atol=1e-14)
+
+
+def test_samples_and_likelihoods_are_ordinary_tensors():
+    # the loops run under inference_mode, but what they return takes in-place ops and autograd
+    T = 6
+    d = GaussianDiffusion(get_named_beta_schedule("cosine", T))
+    model = ToyModel(1, learned=True, seed=67)
+    x = d.p_sample_loop(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    bpd = d.calc_bpd_loop(model, grid_image((2, 1, 4, 4), 68), max_batch=4)
+    for tensor in (x, d.ddim_sample_loop(model, (2, 1, 4, 4)), bpd["vb"],
+                   d.stratified_bpd(model, grid_image((2, 1, 4, 4), 68), 3)["total_bpd"]):
+        assert not tensor.is_inference()
+        tensor.mul_(1.0)
+    w = torch.ones((), dtype=x.dtype, requires_grad=True)
+    (x * w).sum().backward()
+    torch.testing.assert_close(w.grad, x.sum())
