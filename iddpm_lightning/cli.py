@@ -1,4 +1,5 @@
-"""``python -m iddpm_lightning {fit,validate,test,predict} --config FILE``.
+"""``python -m iddpm_lightning {fit,validate,test,predict} --config FILE``, and
+``python -m iddpm_lightning export --ckpt_path C --out DIR`` (a diffusers pipeline, export.py).
 
 One run directory (``run_dir``) holds everything a run writes: TensorBoard logs, the
 config, ``checkpoints/`` (with ``last.ckpt``) and test outputs. It is fixed rather than
@@ -139,7 +140,12 @@ def _config_error(e: BaseException) -> ConfigError | None:
 
 
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else args
     try:
+        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["export"]:
+            from .export import main as export_main
+
+            return export_main(list(argv[1:]))
         IDDPMCLI(args=args)
     except (ConfigError, ValueError) as e:
         error = _config_error(e)
