@@ -9,6 +9,7 @@ Same UNet, same weights, same batch, 100 model calls each:
   variance_type="learned_range")`` and ``num_inference_steps=100`` (its own "leading"
   spacing of the 100 steps).
 
+The samplers' own work (all but the UNet) is also timed on its own, with a stand-in model.
 Both return images in [0, 1] as numpy arrays (the pipeline's ``output_type="np"``). Ours runs
 under ``torch.inference_mode``, the pipeline under ``torch.no_grad``.
 
@@ -18,11 +19,40 @@ under ``torch.inference_mode``, the pipeline under ``torch.no_grad``.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from common import alternate, build_model, report, timed
+
+
+def sampler_overhead(model, scheduler: DDPMScheduler, n: int, steps: int, device: torch.device) -> dict[str, float]:
+    """Milliseconds per step of each sampler's own work (everything but the UNet): both
+    loops run with a stand-in model that returns a fixed output."""
+    hp = model.hparams
+    shape = (n, hp.in_channels, hp.image_size, hp.image_size)
+    output = 0.5 * torch.randn(n, model.unet.config.out_channels, hp.image_size, hp.image_size, device=device)
+    diffusion = model.respaced(steps)
+
+    def ours() -> float:
+        g = torch.Generator(device).manual_seed(0)
+        return timed(lambda: diffusion.p_sample_loop(lambda x, t: output, shape, generator=g, device=device), device)[0]
+
+    @torch.no_grad()
+    def theirs_loop(g):  # DDPMPipeline.__call__'s loop
+        scheduler.set_timesteps(steps)
+        x = torch.randn(shape, generator=g, device=device)
+        for t in scheduler.timesteps:
+            x = scheduler.step(output, t, x, generator=g).prev_sample
+        return x
+
+    def theirs() -> float:
+        g = torch.Generator(device).manual_seed(0)
+        return timed(lambda: theirs_loop(g), device)[0]
+
+    times = alternate({"iddpm_lightning": ours, "diffusers": theirs}, rounds=20)
+    return {k: statistics.median(v) * 1e3 / steps for k, v in times.items()}
 
 
 def main() -> None:
@@ -63,13 +93,16 @@ def main() -> None:
         compiled.load_state_dict(model.state_dict())
         methods["+ compile"] = lambda: ours(compiled)
     times = alternate(methods, args.rounds)
+    overhead = sampler_overhead(model, scheduler, args.batch_size, args.steps, device)
     hp = model.hparams
     config = {"config": args.config, "batch_size": args.batch_size, "steps": args.steps, "timesteps": T,
               "image": [hp.in_channels, hp.image_size, hp.image_size], "rounds": args.rounds, "device": str(device),
               "parameters": sum(p.numel() for p in model.ema_unet.parameters())}
     print(f"{config['parameters'] / 1e6:.1f}M-parameter UNet, {args.batch_size} images of "
           f"{hp.in_channels}x{hp.image_size}x{hp.image_size}, {args.steps} of T = {T} steps, {device}")
-    report("sampling", config, times, "diffusers DDPMPipeline", {}, args.out)
+    print(f"the samplers alone, with a stand-in model (ms per step, median of 20): ours {overhead['iddpm_lightning']:.3f}, "
+          f"diffusers' scheduler {overhead['diffusers']:.3f}")
+    report("sampling", config, times, "diffusers DDPMPipeline", {"sampler_overhead_ms_per_step": overhead}, args.out)
 
 
 if __name__ == "__main__":
