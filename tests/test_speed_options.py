@@ -64,6 +64,20 @@ def test_compiled_unet_trains_and_evaluates_like_eager():
     # compiled in place: the same state-dict keys, so checkpoints are interchangeable
     assert list(fast.state_dict()) == list(plain.state_dict())
     check_same_training_and_sampling(plain, fast, grad_atol=1e-5)
+    # then an optimizer step and the EMA update (torch._foreach_lerp_ over the compiled
+    # modules' parameters), and the EMA UNet evaluates alike again
+    for model in (plain, fast):
+        torch.optim.SGD(model.unet.parameters(), lr=0.1).step()
+        model._ema_n = 0
+        model.update_ema()
+    start = torch.cat([p.flatten() for p in pair()[0].ema_unet.parameters()])
+    moved = [torch.cat([p.flatten() for p in m.ema_unet.parameters()]) - start for m in (plain, fast)]
+    assert moved[0].abs().max() > 1e-6  # (1 - 0.9999) of an SGD step
+    torch.testing.assert_close(moved[1], moved[0], rtol=0, atol=2e-8)  # ulp of the weights ~7e-9
+    x, t, _ = one_step_inputs()
+    with torch.no_grad():
+        outs = [m.model_fn(m.ema_unet.eval())(x, t) for m in (plain, fast)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
 
 
 def test_bpd_batch_size_changes_no_number_for_a_class_conditional_model():
