@@ -89,7 +89,7 @@ def export_to_diffusers(ckpt_path: str | Path, out_dir: str | Path, use_ema: boo
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from .module import IDDPM
+    from .module import IDDPM, RUNTIME
 
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path {ckpt_path} does not exist; give the path of a .ckpt file, "
@@ -102,10 +102,8 @@ def export_to_diffusers(ckpt_path: str | Path, out_dir: str | Path, use_ema: boo
             f"ckpt_path {ckpt_path} holds no IDDPM hyper_parameters and state_dict; give a checkpoint written by "
             f"'python -m iddpm_lightning fit' (e.g. RUN_DIR/checkpoints/last.ckpt)"
         )
-    hparams.pop("_instantiator", None)
-    for runtime_only in ("compile", "channels_last"):  # how the UNet ran, not what it is
-        if runtime_only in hparams:
-            hparams[runtime_only] = False
+    for key in ("_instantiator", *RUNTIME):  # how the model ran, not what it is: defaults
+        hparams.pop(key, None)
     if hparams.get("class_cond"):
         raise ConfigError(
             f"ckpt_path {ckpt_path} is a class-conditional model (model.class_cond: true), which diffusers' "

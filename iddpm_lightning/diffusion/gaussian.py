@@ -306,19 +306,20 @@ class GaussianDiffusion(nn.Module):
         k = max(1, max_batch // B) draws per model call: the k·B inputs are t-major (input
         j·B + b is image b at the j-th draw), so a class-conditional model repeats its B labels
         k times. Batching changes no random number: the draws are made in the caller's order.
-        Yields, per draw: vb_t [B], x̂_0 [B, C, H, W], x_t [B, C, H, W]."""
+        Yields, per draw: its t [B] and ε, then vb_t [B], x̂_0 and x_t [B, C, H, W]."""
         B = x_start.shape[0]
         k = max(1, (max_batch or B) // B)
+        x0_k = x_start.repeat(k, *([1] * (x_start.dim() - 1)))  # (kB, C, H, W), once for all chunks
         draws = iter(draws)
         while chunk := [d for _, d in zip(range(k), draws)]:
             t = torch.cat([d[0] for d in chunk])  # (kB,)
             noise = torch.cat([d[1] for d in chunk])  # (kB, C, H, W)
-            x0 = x_start.repeat(len(chunk), *([1] * (x_start.dim() - 1)))  # (kB, C, H, W)
+            x0 = x0_k[: len(t)]
             x_t = self.q_sample(x0, t, noise)
             vb_t, out = self.vb_terms_bpd(self._call_model(model, x_t, t), x0, x_t, t, clip_denoised)
-            for j in range(len(chunk)):
+            for j, (t_j, noise_j) in enumerate(chunk):
                 rows = slice(j * B, (j + 1) * B)
-                yield vb_t[rows], out["pred_xstart"][rows], x_t[rows]
+                yield t_j, noise_j, vb_t[rows], out["pred_xstart"][rows], x_t[rows]
 
     @inference
     def calc_bpd_loop(
@@ -344,21 +345,16 @@ class GaussianDiffusion(nn.Module):
         """
         B, T, device = x_start.shape[0], self.num_timesteps, x_start.device
         timesteps = range(T - 1, -1, -1)
-        noises = {}
-
-        def draws():
-            for t in timesteps:
-                noises[t] = torch.randn(x_start.shape, generator=generator, device=device, dtype=x_start.dtype)
-                yield torch.full((B,), t, device=device, dtype=torch.long), noises[t]
-
+        draws = ((torch.full((B,), t, device=device, dtype=torch.long),
+                  torch.randn(x_start.shape, generator=generator, device=device, dtype=x_start.dtype))
+                 for t in timesteps)
         vb, xstart_mse, mse = (x_start.new_zeros(B, T) for _ in range(3))
-        results = self._vb_chunks(model, x_start, draws(), max_batch, clip_denoised)
-        for t, (vb_t, pred_xstart, x_t) in tqdm(zip(timesteps, results), total=T, desc="bits/dim",
-                                                 disable=not progress, leave=False):
-            t_batch = torch.full((B,), t, device=device, dtype=torch.long)
+        results = self._vb_chunks(model, x_start, draws, max_batch, clip_denoised)
+        for t, (t_batch, noise, vb_t, pred_xstart, x_t) in tqdm(zip(timesteps, results), total=T, desc="bits/dim",
+                                                                 disable=not progress, leave=False):
             vb[:, t] = vb_t
             xstart_mse[:, t] = mean_flat((pred_xstart - x_start) ** 2)
-            mse[:, t] = mean_flat((self.predict_eps_from_xstart(x_t, t_batch, pred_xstart) - noises.pop(t)) ** 2)
+            mse[:, t] = mean_flat((self.predict_eps_from_xstart(x_t, t_batch, pred_xstart) - noise) ** 2)
         prior_bpd = self.prior_bpd(x_start)
         return {
             "total_bpd": vb.sum(dim=1) + prior_bpd,
@@ -410,7 +406,7 @@ class GaussianDiffusion(nn.Module):
                     t = start + torch.randint(0, size, (B,), generator=generator, device=device)
                     yield t, torch.randn(x_start.shape, generator=generator, device=device, dtype=x_start.dtype)
 
-        x = [size * vb_t for size, (vb_t, _, _) in
+        x = [size * vb_t for size, (_, _, vb_t, _, _) in
              zip(sizes_per_draw, self._vb_chunks(model, x_start, draws(), max_batch, clip_denoised))]
         x_a, x_b = torch.stack(x[0::2]), torch.stack(x[1::2])  # (K, B) each
         total, variance = ((x_a + x_b) / 2).sum(dim=0), ((x_a - x_b) ** 2 / 4).sum(dim=0)
