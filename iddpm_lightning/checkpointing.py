@@ -1,11 +1,13 @@
-"""Checkpoints that survive kills: atomic writes, a clean stop on SIGTERM/SIGINT, and a
-clear error for a checkpoint that cannot be used.
+"""Checkpoints that survive kills: durable atomic writes, a clean stop on SIGTERM/SIGINT at
+an optimizer-step boundary, and a clear error for a checkpoint that cannot be used.
 
-- ``AtomicCheckpointIO`` writes ``X.tmp`` and renames it over ``X``: a kill during a save
-  leaves the previous ``last.ckpt`` whole.
-- ``GracefulStop`` turns SIGTERM (a cluster's pre-emption; Lightning notes it) and the
-  first Ctrl-C into: finish the current step, save ``last.ckpt``, stop. A second Ctrl-C
-  interrupts at once. It also saves ``last.ckpt`` when training ends.
+- ``DurableCheckpointIO`` wraps whatever CheckpointIO the trainer has (plugins included):
+  it writes ``X.tmp``, fsyncs it, renames it onto ``X`` and fsyncs the folder, so neither a
+  kill during a save nor a node crash right after one leaves an empty or partial file.
+- ``GracefulStop`` turns SIGTERM (a cluster's pre-emption) and the first Ctrl-C into:
+  finish the current optimizer step (every micro-batch of an accumulation window), save
+  ``last.ckpt``, stop, the same on every rank. A second Ctrl-C aborts at once. It also
+  saves ``last.ckpt`` when training ends between two periodic checkpoints.
 - ``read_checkpoint`` loads with ``weights_only=True`` (no code in a checkpoint runs) and
   turns an unreadable file into one sentence.
 """
@@ -18,76 +20,122 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .errors import ConfigError
+from .errors import ConfigError, StopRequested
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``path.tmp``, then ``os.replace`` it onto ``path`` (atomic on POSIX)."""
+def _fsync(path: str | Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DurableCheckpointIO(CheckpointIO):
+    """Saves through ``inner`` (the trainer's CheckpointIO) to ``path.tmp``, then fsync,
+    ``os.replace`` onto ``path`` (atomic on POSIX) and fsync of the folder. Remote paths
+    (``s3://``...) are left to ``inner``."""
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return self.inner.save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.inner.save_checkpoint(checkpoint, tmp, storage_options)
+            _fsync(tmp)
+            os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
 
 
 class GracefulStop(Callback):
-    """On SIGTERM or a first SIGINT, save ``last.ckpt`` after the current step and stop.
+    """On SIGTERM or a first Ctrl-C: save ``last.ckpt`` after the current optimizer step, then stop.
 
-    Lightning raises its ``SIGTERMException`` after the step; the CLI reports it. Under DDP
-    the ranks agree on stopping with one small all-reduce per step.
+    Lightning's own SIGTERM handling raises after any batch, in the middle of a gradient
+    accumulation window too (the saved state would then lack the accumulated gradients).
+    While training runs this callback replaces it: a signal is only noted, and acted on in
+    ``on_train_batch_end`` of a batch that completed an optimizer step. Under DDP the
+    ranks agree with one small all-reduce per optimizer step, so a signal that reached one
+    rank stops all of them at the same step. It then raises ``StopRequested``, which the CLI
+    turns into exit status 143 (SIGTERM) or 0 (Ctrl-C). A signal that arrives during
+    validation takes effect after it, at the next step boundary.
     """
 
     def __init__(self) -> None:
-        self._sigint = False
-        self._previous_handler = None
+        self.signal: str | None = None  # the signal received, if any
+        self._stepped = False
+        self._previous_handlers: dict[int, Any] = {}
         self._saved_step: int | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sigint = False
-        try:
-            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous_handler = None
+        self.signal = "SIGTERM" if trainer.received_sigterm else None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: leave the signals alone
+                pass
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self._sigint:
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == "SIGINT":
             raise KeyboardInterrupt
-        self._sigint = True
-        print("\nCtrl-C: stopping after this step and saving last.ckpt (press again to abort at once)", flush=True)
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            again = " (press Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""
+            print(f"\n{self.signal}: stopping after this optimizer step and saving last.ckpt{again}", flush=True)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        self._stepped = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        stop = self._sigint or trainer.received_sigterm
+        if not self._stepped:  # in the middle of an accumulation window
+            return
+        self._stepped = False
+        stop = self.signal is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
-            self._save(trainer, "SIGTERM" if trainer.received_sigterm else "Ctrl-C")
-            trainer.should_stop = True
+            why = self.signal or "SIGTERM"  # a rank that received nothing follows the others
+            self._save_last(trainer)
+            if trainer.is_global_zero:
+                print(f"{why}: saved step {trainer.global_step} to {self.last_checkpoint_path(trainer)}; "
+                      f"resume with --ckpt_path last", flush=True)
+            raise StopRequested(why)
+        if self._final_step(trainer):
+            self._save_last(trainer)
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # Lightning raises SIGTERMException only between batches (also during validation),
-        # so the weights are those of a finished step.
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            self._save(trainer, "SIGTERM")
-
-    def _save(self, trainer: Trainer, why: str) -> None:
-        if self._saved_step == trainer.global_step:
-            return
-        self._save_last(trainer)
-        if trainer.is_global_zero:
-            print(f"{why}: saved step {trainer.global_step} to {self.last_checkpoint_path(trainer)}; "
-                  f"resume with --ckpt_path last", flush=True)
+    @staticmethod
+    def _final_step(trainer: Trainer) -> bool:
+        """Whether this step ends training (max_steps, or the last batch of max_epochs)."""
+        if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            return True
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        return (max_epochs != -1 and trainer.current_epoch + 1 >= max_epochs
+                and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A run that ends between two periodic checkpoints still leaves its final state."""
+        """A run that ends between two periodic checkpoints still leaves its final state: saved
+        in the final step's ``on_train_batch_end``, where ModelCheckpoint saves too (a save in
+        ``on_train_end`` would mark the epoch finished, and a resume would skip its rest);
+        here only if training stopped otherwise (e.g. early stopping). ModelCheckpoint's own
+        end-of-fit save writes last.ckpt only if it saved nothing during the run."""
         ckpt = trainer.checkpoint_callback
         if ckpt is None or trainer.fast_dev_run or self._saved_step == trainer.global_step:
             return
@@ -103,6 +151,8 @@ class GracefulStop(Callback):
             # of the saved state): otherwise its next "last" save, at the end of this run or
             # after a resume, sees a foreign last.ckpt and writes last-v1.ckpt instead.
             ckpt.last_model_path = str(path)
+            # and as saved, so that its on_train_end does not overwrite it with a later state
+            ckpt._last_checkpoint_saved = str(path)
         trainer.save_checkpoint(path)
         self._saved_step = trainer.global_step
 
@@ -115,15 +165,16 @@ class GracefulStop(Callback):
         return os.path.join(directory, "last.ckpt")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint at ``path``, loaded without running any code it may contain."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The checkpoint at ``path``, loaded without running any code it may contain (``mmap``:
+    tensors stay on disk until used)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise ConfigError(f"ckpt_path {path} does not exist; give the path of a .ckpt file, or 'last'") from None
     except Exception as e:  # truncated zip, not a checkpoint, or objects weights_only refuses

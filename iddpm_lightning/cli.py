@@ -16,12 +16,13 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from .callbacks.writer import SampleWriter
-from .checkpointing import AtomicCheckpointIO, GracefulStop, read_checkpoint, unreadable_checkpoint
-from .errors import ConfigError, NonFiniteLossError
-from .module import IDDPM, RUNTIME, check_compatible
+from .checkpointing import DurableCheckpointIO, GracefulStop, read_checkpoint, unreadable_checkpoint
+from .errors import ConfigError, NonFiniteLossError, StopRequested
+from .module import IDDPM, RUNTIME, check_compatible, check_precision
 
 
 class IDDPMCLI(LightningCLI):
@@ -48,12 +49,15 @@ class IDDPMCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SampleWriter, "sampling")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000})
+        # Periodic checkpoints named step=N.ckpt, all kept (save_top_k=-1), beside last.ckpt.
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000,
+                             "checkpoint.filename": "{step}", "checkpoint.save_top_k": -1})
 
     # --------------------------------------------------- run dir and checkpoints
 
     def _run_dir(self) -> Path:
-        return Path(self.config[self.subcommand].run_dir)
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        return Path(config.run_dir)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` before anything is built: ``last`` becomes the run's
@@ -70,9 +74,10 @@ class IDDPMCLI(LightningCLI):
                 f"an untrained model has no {'bits/dim' if sub == 'test' else 'samples'} worth reporting"
             )
         if cfg.get("ckpt_path") == "last":
-            last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-            if last.is_file():
-                cfg.ckpt_path = str(last)
+            latest = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+            if latest is not None:
+                cfg.ckpt_path = str(latest)
+                rank_zero_info(f"Resuming from {latest}")
         path = cfg.get("ckpt_path")
         if path and path not in ("last", "best", "hpc", "registry"):
             hparams = read_checkpoint(path).get("hyper_parameters", {})
@@ -80,6 +85,7 @@ class IDDPMCLI(LightningCLI):
                 hparams.pop(key, None)
             if hparams:
                 self._ckpt_hparams = dict(hparams)
+                _warn_unused_model_settings(cfg.get("model"), hparams)
                 try:
                     self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
                 except (SystemExit, Exception) as e:
@@ -89,6 +95,7 @@ class IDDPMCLI(LightningCLI):
         # The data links in_channels, image_size and num_classes into the model: a checkpoint
         # trained on other data is refused here, before anything is written.
         check_compatible(self._ckpt_hparams, self.model.hparams)
+        check_precision(self.trainer.precision)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand != "fit":
@@ -103,8 +110,6 @@ class IDDPMCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        if not trainer_cfg.get("plugins"):
-            kwargs["plugins"] = [AtomicCheckpointIO()]
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         callbacks = [*callbacks, GracefulStop()]
@@ -115,7 +120,10 @@ class IDDPMCLI(LightningCLI):
             if not any(isinstance(c, LearningRateMonitor) for c in callbacks):
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        # Whatever CheckpointIO the plugins chose, every save goes through a durable atomic write.
+        trainer.strategy.checkpoint_io = DurableCheckpointIO(trainer.strategy.checkpoint_io)
+        return trainer
 
     def before_predict(self) -> None:
         # predict draws samples: its "data" are the sample indices the module's
@@ -123,13 +131,47 @@ class IDDPMCLI(LightningCLI):
         self.datamodule = None
 
     def before_fit(self) -> None:
-        print(f"Run directory: {self._run_dir().resolve()}  (tensorboard --logdir {self._run_dir()})")
+        t, dm = self.trainer, self.datamodule
+        rank_zero_info(f"Run directory: {self._run_dir().resolve()}  (tensorboard --logdir {self._run_dir()})")
+        rank_zero_info(f"Global batch: {dm.batch_size * t.world_size * t.accumulate_grad_batches} images per "
+                       f"optimizer step = data.batch_size {dm.batch_size} x {t.num_devices} device(s) x "
+                       f"{t.num_nodes} node(s) x accumulate_grad_batches {t.accumulate_grad_batches}")
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and self.trainer.is_global_zero:
             print(f"Run directory: {self._run_dir().resolve()}")
             print(f"Last checkpoint: {ckpt.last_model_path or '(none written)'}")
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint of the highest step in ``folder``: ``last.ckpt``, or a periodic
+    ``step=N.ckpt`` that is newer (a kill between the two writes of one save leaves the step
+    file ahead). last.ckpt's step is read memory-mapped, without loading its tensors."""
+    last = folder / "last.ckpt"
+    steps = {int(p.stem.split("=", 1)[1]): p for p in folder.glob("step=*.ckpt") if p.stem.split("=", 1)[1].isdigit()}
+    last_step = read_checkpoint(last, mmap=True).get("global_step", -1) if last.is_file() else -1
+    best = max(steps, default=-1)
+    if best > last_step:
+        return steps[best]
+    return last if last.is_file() else None
+
+
+def _warn_unused_model_settings(configured, saved: dict) -> None:
+    """Name every model setting of the config or command line that ``--ckpt_path`` overrides
+    with the checkpoint's value (all but the runtime ones), so that none is dropped silently."""
+    linked = ("image_size", "in_channels", "num_classes")  # follow the data; check_compatible checks them
+    configured = dict(configured or {})
+    differ = [f"model.{k}={configured[k]!r} (the checkpoint's: {v!r})" for k, v in saved.items()
+              if k in configured and k not in linked and _plain(configured[k]) != _plain(v)]
+    if differ:
+        print(f"warning: --ckpt_path rebuilds the model from the checkpoint's settings, so these configured values "
+              f"are NOT used: {', '.join(differ)}; only {', '.join('model.' + k for k in RUNTIME)} come from the "
+              f"config and command line", file=sys.stderr)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _config_error(e: BaseException) -> ConfigError | None:
@@ -153,12 +195,18 @@ def main(args=None) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except MisconfigurationException as e:  # Lightning's own checks of trainer.* and checkpoint.* settings
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except SIGTERMException:
-        print("stopped by SIGTERM; the last finished step is in last.ckpt: resume with --ckpt_path last",
-              file=sys.stderr)
+    except StopRequested as e:
+        print(f"stopped by {e.signal} at an optimizer-step boundary; last.ckpt holds that step: resume with "
+              f"--ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM if e.signal == "SIGTERM" else 0)
+    except SIGTERMException:  # before training started: no step to save
+        print("stopped by SIGTERM before the first training step; nothing was saved", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
 
 

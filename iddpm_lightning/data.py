@@ -3,15 +3,20 @@
 Every module yields batches ``(x, y)``: ``x`` is float32 ``[N, C, H, W]`` in [-1, 1]
 (an 8-bit value ``u`` becomes ``u / 127.5 - 1``) and ``y`` holds int64 class labels
 (all 0 when the data has none). The training loader shuffles and drops the last partial
-batch; validation and test loaders do neither. ``image_size``, ``channels`` and
+batch; validation and test loaders do neither. The training order and its random flips are
+drawn by ``EpochShuffleSampler`` from (seed, epoch) alone, and the loader is torchdata's
+``StatefulDataLoader``, whose position Lightning saves in every checkpoint: a run resumed
+at any step, in any epoch and with any ``num_workers``, continues with exactly the batches
+the uninterrupted run would have drawn. ``image_size``, ``channels`` and
 ``num_classes`` (0 when unlabeled) are set in ``__init__`` so the CLI can link them
 into the model before ``setup`` runs. Cheap checks (paths, empty folders) run in
 ``__init__``; reading and validating the data runs in ``setup``.
 """
 
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,24 +24,25 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
 from iddpm_lightning.errors import ConfigError
+from iddpm_lightning.rng import derive_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # matched case-insensitively
+
+# torchdata 0.11 calls a torch API that torch 2.14 deprecates, once per loader: noise only.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 def to_model_range(u8: Tensor, flip: bool = False) -> Tensor:
     """Map uint8 images ``[..., C, H, W]`` to float32 in [-1, 1], optionally mirrored left-right."""
     x = u8.float() / 127.5 - 1.0
     return x.flip(-1) if flip else x
-
-
-def _coin() -> bool:
-    """A fair coin from torch's RNG (seeded per DataLoader worker by torch)."""
-    return bool(torch.rand(()) < 0.5)
 
 
 def _split(n: int, held_out: Sequence[int], seed: int) -> list[Tensor]:
@@ -47,53 +53,79 @@ def _split(n: int, held_out: Sequence[int], seed: int) -> list[Tensor]:
     return [p.sort().values for p in parts]
 
 
-class _U8Images(Dataset):
-    """In-memory uint8 images ``[N, C, H, W]`` with int64 labels ``[N]``; optional random h-flip."""
+# A dataset key: an index, or (index, flip) from a sampler that draws random flips.
+Key = Union[int, tuple[int, bool]]
 
-    def __init__(self, images: Tensor, labels: Tensor, random_flip: bool = False) -> None:
-        self.images, self.labels, self.random_flip = images, labels.long(), random_flip
+
+def _unpack(key: Key) -> tuple[int, bool]:
+    return key if isinstance(key, tuple) else (key, False)
+
+
+class _U8Images(Dataset):
+    """In-memory uint8 images ``[N, C, H, W]`` with int64 labels ``[N]``; ``dataset[(i, True)]`` is mirrored."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels.long()
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return to_model_range(self.images[i], self.random_flip and _coin()), self.labels[i]
+    def __getitem__(self, key: Key) -> tuple[Tensor, Tensor]:
+        i, flip = _unpack(key)
+        return to_model_range(self.images[i], flip), self.labels[i]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random order of ``range(num_items)`` drawn from (seed, epoch) alone, so the order of
-    any epoch can be drawn again after a resume (Lightning calls ``set_epoch``)."""
+class EpochShuffleSampler(DistributedSampler):
+    """This rank's share of a fresh permutation every epoch, drawn from (seed, epoch) alone, and
+    optionally a fair coin per image for a left-right flip (the keys are then ``(index, flip)``).
 
-    def __init__(self, num_items: int, seed: int) -> None:
-        self.num_items, self.seed, self.epoch = num_items, seed, 0
+    Everything random about the training data lives here, in the main process, so worker
+    processes draw nothing and ``num_workers`` changes no batch. Like torch's
+    DistributedSampler (which it is, so Lightning keeps it under DDP) it gives each of the
+    ``num_replicas`` ranks ⌊N / num_replicas⌋ images of the permutation, rank r taking
+    positions r, r + num_replicas, ...; of these it yields whole batches of ``batch_size``
+    only (the loader's drop_last), so that the epoch ends exactly at its last batch.
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    Its state (``state_dict``: epoch and images already yielded) is saved by
+    ``StatefulDataLoader`` with the loader's position. A finished epoch is saved as the
+    start of the next one: on a restart Lightning re-creates the iterator from the saved
+    state before it calls ``set_epoch``, and with workers the first indices are drawn then.
+    ``__iter__`` is a generator, so nothing is drawn before the first index is asked for.
+    """
 
-    def __len__(self) -> int:
-        return self.num_items
+    def __init__(self, dataset: Dataset, seed: int, batch_size: int = 1, num_replicas: int = 1, rank: int = 0,
+                 random_flip: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.num_samples -= self.num_samples % batch_size  # whole batches only
+        self.random_flip = random_flip
+        self.yielded = 0
+        self._resume_at = 0
 
-    def __iter__(self):
-        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-        return iter(torch.randperm(self.num_items, generator=torch.Generator().manual_seed(seed)).tolist())
+    def order(self, epoch: int) -> list[Key]:
+        """This rank's keys of ``epoch``, in order."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        perm = torch.randperm(len(self.dataset), generator=g)  # (N,)
+        flips = torch.rand(len(self.dataset), generator=g) < 0.5  # (N,), one coin per position
+        mine = slice(self.rank, self.num_replicas * self.num_samples, self.num_replicas)
+        if not self.random_flip:
+            return perm[mine].tolist()
+        return list(zip(perm[mine].tolist(), flips[mine].tolist()))
 
+    def __iter__(self) -> Iterator[Key]:
+        start, self._resume_at = self._resume_at, 0
+        keys = self.order(self.epoch)
+        self.yielded = start
+        for key in keys[start:]:
+            self.yielded += 1
+            yield key
 
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that, resumed in the middle of an epoch, skips the batches of that epoch
-    the run already trained on (Lightning restores its progress but restarts the loader).
-    The skipped batches are read once more, not trained on. ``skip_batches`` is an init
-    argument so that it survives Lightning re-creating the loader with a distributed sampler."""
+    def state_dict(self) -> dict[str, int]:
+        if self.yielded >= self.num_samples:
+            return {"epoch": self.epoch + 1, "yielded": 0}
+        return {"epoch": self.epoch, "yielded": self.yielded}
 
-    def __init__(self, *args: Any, skip_batches: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.skip_batches = skip_batches
-
-    def __iter__(self):
-        iterator = super().__iter__()
-        for _ in range(self.skip_batches):
-            next(iterator)
-        self.skip_batches = 0
-        return iterator
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.yielded, self._resume_at = int(state["epoch"]), int(state["yielded"]), int(state["yielded"])
 
 
 class _BaseDataModule(LightningDataModule):
@@ -102,18 +134,21 @@ class _BaseDataModule(LightningDataModule):
     image_size: int
     channels: int
     num_classes: int
+    random_flip: bool = False  # training images only; drawn by the sampler
 
     def __init__(
         self,
-        batch_size: int = 128,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 128,
+        num_workers: NonNegativeInt = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
     ) -> None:
         """
         Args:
-            batch_size: Images per batch PER DEVICE; the global batch is batch_size x devices x num_nodes.
+            batch_size: Images per batch PER DEVICE; the global batch is
+                batch_size x devices x num_nodes x accumulate_grad_batches (fit prints it).
             num_workers: DataLoader worker processes per device (0 loads in the main process).
+                Changes no batch: the order and flips are drawn in the main process.
             pin_memory: Copy batches into page-locked memory (faster host-to-GPU transfer).
             persistent_workers: Keep workers alive between epochs; only effective when num_workers > 0.
         """
@@ -145,13 +180,12 @@ class _BaseDataModule(LightningDataModule):
                     f"set data.batch_size to at most {n // world}."
                 )
 
-    def _loader(self, dataset: Optional[Dataset], train: bool, sampler: Optional[Sampler] = None, **kwargs) -> DataLoader:
+    def _loader(self, dataset: Optional[Dataset], train: bool, **kwargs) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return (ResumableDataLoader if train else DataLoader)(
+        return (StatefulDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -160,13 +194,14 @@ class _BaseDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by epoch from the run's seed; resumed mid-epoch, it continues where the
-        checkpoint stopped instead of replaying the epoch's first batches."""
+        """This rank's share, shuffled by epoch from the run's seed. A ``StatefulDataLoader``:
+        Lightning saves its position (and the sampler's epoch) in every checkpoint and restores
+        it on resume, so the run continues with the next batch the uninterrupted run would draw."""
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        batches = len(self.train_set) // self.batch_size
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
-        return self._loader(self.train_set, train=True, sampler=EpochShuffleSampler(len(self.train_set), seed),
-                            skip_batches=done if 0 < done < batches else 0)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = EpochShuffleSampler(self.train_set, seed, self.batch_size, num_replicas=world, rank=rank,
+                                      random_flip=self.random_flip)
+        return self._loader(self.train_set, train=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
@@ -200,7 +235,8 @@ class DigitsDataModule(_BaseDataModule):
     images; the rest train. No download, no flips, everything in memory.
     """
 
-    def __init__(self, val_size: int = 150, test_size: int = 150, split_seed: int = 0, **kwargs: Any) -> None:
+    def __init__(self, val_size: PositiveInt = 150, test_size: PositiveInt = 150, split_seed: NonNegativeInt = 0,
+                 **kwargs: Any) -> None:
         """
         Args:
             val_size: Validation images held out of the 1,797.
@@ -247,10 +283,12 @@ class _CIFAR10NoMD5(CIFAR10):
 class CIFAR10DataModule(_BaseDataModule):
     """CIFAR-10 from torchvision's layout: ``root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``.
 
-    Train is the official 50,000-image training set (random horizontal flips optional, off
-    as in the paper's improved-diffusion code); validation is a fixed-seed subset of
-    ``val_size`` images of the official test set; test is the full official 10,000-image
-    test set. 32x32 RGB, 10 classes; held in memory as uint8.
+    Train is the official 50,000-image training set, all of it as in the paper (random
+    horizontal flips optional, off as in the paper's improved-diffusion code). Validation is
+    a fixed-seed subset of ``val_size`` of those TRAINING images, so that choosing a
+    checkpoint by ``val/*`` never looks at the test set (val/bpd is then a training-set
+    number, a little below the test bits/dim). Test is the full official 10,000-image test
+    set, on which the paper reports bits/dim. 32x32 RGB, 10 classes; held in memory as uint8.
     """
 
     def __init__(
@@ -258,8 +296,8 @@ class CIFAR10DataModule(_BaseDataModule):
         root: str,
         download: bool = False,
         random_flip: bool = False,
-        val_size: int = 1000,
-        split_seed: int = 0,
+        val_size: PositiveInt = 1000,
+        split_seed: NonNegativeInt = 0,
         **kwargs: Any,
     ) -> None:
         """
@@ -267,7 +305,7 @@ class CIFAR10DataModule(_BaseDataModule):
             root: Folder that contains ``cifar-10-batches-py``.
             download: Download the dataset into root if it is missing (needs network access).
             random_flip: Mirror training images left-right with probability 1/2.
-            val_size: Validation images drawn (fixed seed) from the official test set.
+            val_size: Validation images drawn (fixed seed) from the official TRAINING set.
             split_seed: Seed of the validation subset.
             **kwargs: Loader settings: batch_size (per device), num_workers, pin_memory, persistent_workers.
         """
@@ -318,15 +356,15 @@ class CIFAR10DataModule(_BaseDataModule):
         self._require_files()
         train_x, train_y = self._read(train=True)
         test_x, test_y = self._read(train=False)
-        if self.val_size > len(test_x):
+        if self.val_size > len(train_x):
             raise ConfigError(
-                f"data.val_size={self.val_size} exceeds the {len(test_x)} CIFAR-10 test images; "
-                f"set data.val_size to at most {len(test_x)}."
+                f"data.val_size={self.val_size} exceeds the {len(train_x)} CIFAR-10 training images; "
+                f"set data.val_size to at most {len(train_x)}."
             )
-        val, _ = _split(len(test_x), [self.val_size], self.split_seed)
+        self.val_indices, _ = _split(len(train_x), [self.val_size], self.split_seed)  # into the training set
         return (
-            _U8Images(train_x, train_y, self.random_flip),
-            _U8Images(test_x[val], test_y[val]),
+            _U8Images(train_x, train_y),
+            _U8Images(train_x[self.val_indices], train_y[self.val_indices]),
             _U8Images(test_x, test_y),
         )
 
@@ -385,20 +423,21 @@ def _check_readable(files: Sequence[Path], setting: str) -> None:
 
 
 class _ImageFiles(Dataset):
-    """Image files, each converted to RGB, resized and centre-cropped; optional random h-flip."""
+    """Image files, each converted to RGB, resized and centre-cropped; ``dataset[(i, True)]`` is mirrored."""
 
-    def __init__(self, files: Sequence[Path], labels: Sequence[int], image_size: int, random_flip: bool) -> None:
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], image_size: int) -> None:
         self.files, self.labels = list(files), list(labels)
-        self.image_size, self.random_flip = image_size, random_flip
+        self.image_size = image_size
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, key: Key) -> tuple[Tensor, int]:
+        i, flip = _unpack(key)
         with Image.open(self.files[i]) as im:
             arr = resize_center_crop(im.convert("RGB"), self.image_size)
-        u8 = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-        return to_model_range(u8, self.random_flip and _coin()), self.labels[i]
+        u8 = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3, H, W)
+        return to_model_range(u8, flip), self.labels[i]
 
 
 class ImageFolderDataModule(_BaseDataModule):
@@ -406,23 +445,23 @@ class ImageFolderDataModule(_BaseDataModule):
 
     Each image is converted to RGB, then resized and centre-cropped to ``image_size`` as the
     paper's improved-diffusion code does. With ``class_cond`` the label of an image is the
-    index of its first-level sub-folder under the root (names sorted). Validation and test
-    come from ``val_root``/``test_root`` when given; otherwise fixed-seed subsets of
-    ``val_size``/``test_size`` images are held out of ``root``; with ``test_size=0`` and no
-    ``test_root`` the test set IS the validation set.
+    index of its first-level sub-folder under the root (names sorted). Validation is always
+    a fixed-seed subset of ``val_size`` images held out of ``root`` (the training images),
+    so that choosing a checkpoint by ``val/*`` never looks at the test images. Test is
+    ``test_root`` (e.g. ImageNet's validation set, on which the paper reports bits/dim), or
+    ``test_size`` more images held out of ``root``; with neither, ``test`` is refused.
     """
 
     def __init__(
         self,
         root: str,
-        image_size: int = 64,
+        image_size: PositiveInt = 64,
         class_cond: bool = False,
-        val_root: Optional[str] = None,
         test_root: Optional[str] = None,
-        val_size: int = 1000,
-        test_size: int = 0,
+        val_size: PositiveInt = 1000,
+        test_size: NonNegativeInt = 0,
         random_flip: bool = False,
-        split_seed: int = 0,
+        split_seed: NonNegativeInt = 0,
         **kwargs: Any,
     ) -> None:
         """
@@ -430,10 +469,9 @@ class ImageFolderDataModule(_BaseDataModule):
             root: Folder of training images (class sub-folders when class_cond).
             image_size: Side of the square images the model sees, in pixels.
             class_cond: Label images by their first-level sub-folder of root (sorted names -> 0, 1, ...).
-            val_root: Folder of validation images; if unset, val_size images are held out of root.
             test_root: Folder of test images; if unset, test_size images are held out of root.
-            val_size: Validation images held out of root (used only without val_root).
-            test_size: Test images held out of root (used only without test_root); 0 makes test reuse the validation set.
+            val_size: Validation images held out of root (not trained on).
+            test_size: Test images held out of root (used only without test_root).
             random_flip: Mirror training images left-right with probability 1/2.
             split_seed: Seed of the held-out validation/test subsets.
             **kwargs: Loader settings: batch_size (per device), num_workers, pin_memory, persistent_workers.
@@ -441,27 +479,26 @@ class ImageFolderDataModule(_BaseDataModule):
         super().__init__(**kwargs)
         if image_size < 1:
             raise ConfigError(f"data.image_size={image_size} must be at least 1; set a positive size in pixels.")
-        _check_held_out("val_size", val_size, 1 if val_root is None else 0)
+        _check_held_out("val_size", val_size, 1)
         _check_held_out("test_size", test_size, 0)
         self.class_cond, self.random_flip, self.split_seed = class_cond, random_flip, split_seed
-        self.val_size = 0 if val_root else val_size
+        self.val_size = val_size
         self.test_size = 0 if test_root else test_size
         self.image_size, self.channels = image_size, 3
 
         train_files = _find_images(root, "data.root")
         self.classes = sorted({_class_of(f, root) for f in train_files} - {None}) if class_cond else []
         self.num_classes = len(self.classes)
-        # (setting, files, labels) per source folder; val/test entries only when their root is given
+        # (setting, files, labels) per source folder; a test entry only when test_root is given
         self.sources = {"root": ("data.root", train_files, self._labels(train_files, root, "data.root"))}
-        for name, folder in (("val_root", val_root), ("test_root", test_root)):
-            if folder is not None:
-                files = _find_images(folder, f"data.{name}")
-                self.sources[name] = (f"data.{name}", files, self._labels(files, folder, f"data.{name}"))
+        if test_root is not None:
+            files = _find_images(test_root, "data.test_root")
+            self.sources["test_root"] = ("data.test_root", files, self._labels(files, test_root, "data.test_root"))
         if self.val_size + self.test_size >= len(train_files):
             raise ConfigError(
                 f"holding out data.val_size + data.test_size = {self.val_size + self.test_size} images leaves none "
                 f"of the {len(train_files)} under data.root for training; lower data.val_size/data.test_size "
-                "or give data.val_root/data.test_root."
+                "or give data.test_root."
             )
 
     def _labels(self, files: list[Path], folder: str, setting: str) -> list[int]:
@@ -478,23 +515,29 @@ class ImageFolderDataModule(_BaseDataModule):
             )
         return [index[t] for t in tops]
 
-    def _dataset(self, name: str, idx: Optional[Tensor] = None, flip: bool = False) -> _ImageFiles:
+    def _dataset(self, name: str, idx: Optional[Tensor] = None) -> _ImageFiles:
         _, files, labels = self.sources[name]
         if idx is not None:
             files, labels = [files[i] for i in idx.tolist()], [labels[i] for i in idx.tolist()]
-        return _ImageFiles(files, labels, self.image_size, flip)
+        return _ImageFiles(files, labels, self.image_size)
 
-    def _load_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+    def _load_splits(self) -> tuple[Dataset, Dataset, Optional[Dataset]]:
         for setting, files, _ in self.sources.values():
             _check_readable(files, setting)
         test, val, train = _split(len(self.sources["root"][1]), [self.test_size, self.val_size], self.split_seed)
-        train_set = self._dataset("root", train, self.random_flip)
-        val_set = self._dataset("val_root") if "val_root" in self.sources else self._dataset("root", val)
         if "test_root" in self.sources:
             test_set = self._dataset("test_root")
         else:
-            test_set = self._dataset("root", test) if self.test_size > 0 else val_set
-        return train_set, val_set, test_set
+            test_set = self._dataset("root", test) if self.test_size > 0 else None
+        return self._dataset("root", train), self._dataset("root", val), test_set
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        super().setup(stage)
+        if stage == "test" and self.test_set is None:
+            raise ConfigError(
+                "test needs a test split, but data.test_root is not set and data.test_size=0; set data.test_root "
+                "to a folder of test images, or data.test_size to hold that many images out of data.root."
+            )
 
 
 def _class_of(file: Path, root: str) -> Optional[str]:

@@ -11,3 +11,12 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; raised before the optimizer step applies it."""
+
+
+class StopRequested(Exception):
+    """SIGTERM or Ctrl-C stopped training at an optimizer-step boundary, after saving last.ckpt.
+    ``signal`` is the signal's name."""
+
+    def __init__(self, signal: str) -> None:
+        super().__init__(signal)
+        self.signal = signal

@@ -13,31 +13,57 @@ import copy
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, restricted_number_type
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from .diffusion import GaussianDiffusion, get_named_beta_schedule
 from .diffusion.resample import UniformSampler
 from .errors import ConfigError, NonFiniteLossError
+from .rng import derive_seed, seeded_generator
 from .unet import build_unet
 
+__all__ = ["IDDPM", "derive_seed", "seeded_generator"]
 
-def derive_seed(*key: int) -> int:
-    """A 63-bit seed from a tuple of non-negative integers (computed on the host: no sync)."""
-    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
+# [0, 1): a dropout of 1 zeroes every activation, an EMA decay of 1 never moves.
+UnitIntervalOpenRight = restricted_number_type("UnitIntervalOpenRight", float, [(">=", 0), ("<", 1)])
+
+# Precisions that convert the whole module, weights and EMA included, to a 16-bit dtype:
+# an EMA step of (1 - 0.9999)·(θ - ema) is below bfloat16's resolution, so the average
+# would never move, and AdamW's small updates round away the same way.
+HALF_TRUE_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
 
 
-def seeded_generator(device: torch.device, *key: int) -> torch.Generator:
-    """A generator seeded from a tuple of integers, e.g. (seed, rank, step, batch).
+def plain(value):
+    """``value`` with jsonargparse's constrained types (``PositiveInt(3)`` is an int subclass)
+    turned into plain ints, floats and strings, which ``torch.load(weights_only=True)`` accepts;
+    dicts are converted in place, tensors left alone."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            value[k] = plain(v)
+        return value
+    if isinstance(value, (list, tuple)):
+        return (list if isinstance(value, list) else tuple)(plain(v) for v in value)
+    if type(value) in (bool, int, float, str):
+        return value
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    return value
 
-    Keying the randomness of every step by where it is in training makes it differ per
-    rank (a global seed alone would give every GPU the same t and ε) and makes a
-    resumed run draw exactly what the uninterrupted run would have.
-    """
-    return torch.Generator(device=device).manual_seed(derive_seed(*key))
+
+def check_precision(precision: str) -> None:
+    """Refuse a ``trainer.precision`` that would train the weights themselves in 16 bits."""
+    if str(precision) in HALF_TRUE_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision} converts the weights and their EMA to 16 bits, where the EMA "
+            f"(decay 0.9999) and AdamW's small steps round to no change; use trainer.precision=bf16-mixed "
+            f"(float32 weights, the UNet in bfloat16) or 32-true"
+        )
 
 
 STRUCTURE = ("in_channels", "image_size", "class_cond", "num_classes", "timesteps", "noise_schedule",
@@ -104,31 +130,32 @@ class IDDPM(LightningModule):
 
     def __init__(
         self,
-        image_size: int = 32,
-        in_channels: int = 3,
-        num_classes: int = 0,
+        image_size: PositiveInt = 32,
+        in_channels: PositiveInt = 3,
+        num_classes: NonNegativeInt = 0,
         class_cond: bool = False,
-        block_out_channels: list[int] = [128, 256, 256, 256],
-        layers_per_block: int = 3,
-        attention_resolutions: list[int] = [16, 8],
-        attention_head_dim: int = 64,
-        dropout: float = 0.0,
-        timesteps: int = 4000,
-        noise_schedule: str = "cosine",
-        model_var_type: str = "learned_range",
-        loss_type: str = "hybrid",
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        ema_decay: float = 0.9999,
+        block_out_channels: list[PositiveInt] = [128, 256, 256, 256],
+        layers_per_block: PositiveInt = 3,
+        attention_resolutions: list[PositiveInt] = [16, 8],
+        attention_head_dim: PositiveInt = 64,
+        dropout: UnitIntervalOpenRight = 0.0,
+        timesteps: PositiveInt = 4000,
+        noise_schedule: Literal["cosine", "linear"] = "cosine",
+        model_var_type: Literal["learned_range", "fixed_small", "fixed_large"] = "learned_range",
+        loss_type: Literal["hybrid", "vlb", "simple"] = "hybrid",
+        lr: PositiveFloat = 1e-4,
+        weight_decay: NonNegativeFloat = 0.0,
+        warmup_steps: NonNegativeInt = 0,
+        ema_decay: UnitIntervalOpenRight = 0.9999,
         ema_warmup: bool = False,
         eval_with_ema: bool = True,
-        bpd_batch_size: int = 256,
+        bpd_batch_size: PositiveInt = 256,
         channels_last: bool = False,
         compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.update({k: plain(v) for k, v in self.hparams.items()})  # checkpoints hold plain types
         try:
             betas = get_named_beta_schedule(noise_schedule, timesteps)
             self.diffusion = GaussianDiffusion(betas, model_var_type, loss_type)
@@ -141,8 +168,11 @@ class IDDPM(LightningModule):
             )
         if class_cond and num_classes < 1:
             raise ConfigError("model.class_cond is true but the data has no class labels; set class_cond: false")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
+        for name, value in (("ema_decay", ema_decay), ("dropout", dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {value}")
+        if not lr > 0:
+            raise ConfigError(f"model.lr must be positive, got {lr}")
         if bpd_batch_size < 1:
             raise ConfigError(f"model.bpd_batch_size={bpd_batch_size} must be at least 1, e.g. 256")
         out_channels = 2 * in_channels if model_var_type == "learned_range" else in_channels
@@ -159,6 +189,7 @@ class IDDPM(LightningModule):
             self.unet.compile()
             self.ema_unet.compile()
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self._micro, self._first_bad = 0, None  # micro-batches of this step, the first with a non-finite loss
         self.timestep_sampler = UniformSampler(timesteps)
 
         self.val_loss, self.val_mse, self.val_vb = MeanMetric(), MeanMetric(), MeanMetric()
@@ -190,11 +221,18 @@ class IDDPM(LightningModule):
 
     # ------------------------------------------------------------- checkpoints
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Every value in a checkpoint (callback states, data module settings) in plain types."""
+        plain(checkpoint)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model before its weights meet a size mismatch."""
         check_compatible(checkpoint.get("hyper_parameters", {}), self.hparams)
 
     # ---------------------------------------------------------------- training
+
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
 
     def training_step(self, batch, batch_idx: int):
         x_start, labels = batch  # (B, C, H, W) in [-1, 1], (B,)
@@ -207,23 +245,49 @@ class IDDPM(LightningModule):
         noise = torch.randn(x_start.shape, generator=g, device=self.device, dtype=x_start.dtype)
         terms = self.diffusion.training_losses(self.model_fn(self.unet, labels), x_start, t, noise=noise)
         loss = (terms["loss"] * weights).mean()
-        self._step_terms = (loss.detach(), terms)
+        self._note_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mse", terms["mse"].mean())
         self.log("train/vb", terms["vb"].mean())
         return {"loss": loss, "timesteps": t, "losses": terms["loss"].detach()}
 
+    # ------------------------------------------------------- non-finite guard
+
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        """Remember (on the device: no sync) the first micro-batch of this optimizer step whose
+        loss is not finite; with gradient accumulation a step has several."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad = torch.where(bad & (self._first_bad < 0), self._micro, self._first_bad)
+        self._micro += 1
+
     def on_before_optimizer_step(self, optimizer):
-        """Refuse to apply a non-finite loss: the weights (and every checkpoint) stay those
-        of the last good step. One host sync per optimizer step."""
-        loss, terms = self._step_terms
-        if not torch.isfinite(loss):
-            summary = ", ".join(f"{k}={v.float().mean().item():.4g}" for k, v in terms.items())
-            raise NonFiniteLossError(
-                f"the training loss is not finite at step {self.global_step} ({summary}); the weights were not "
-                f"updated and the last checkpoint is intact. Likely causes: a learning rate too high (model.lr), "
-                f"exploding gradients (set trainer.gradient_clip_val), or fp16 overflow (use bf16-mixed or 32-true)"
-            )
+        """Refuse to apply a step in which any micro-batch's loss, on any rank, or the (all-
+        reduced) gradient is not finite: the weights, the EMA and every checkpoint stay those
+        of the last good step. The decision is made on values gathered from every rank (one
+        small all_gather and one host sync per optimizer step), so that all ranks stop
+        together with the same message, and none applies a step the others refused."""
+        micro, first_bad = self._micro, self._first_bad
+        self._micro, self._first_bad = 0, None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        # fp16's GradScaler skips steps with inf gradients itself: only the loss is checked then.
+        bad_grad = (scaler is None and bool(grads)) and ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        local = torch.stack([first_bad, torch.as_tensor(bad_grad, dtype=torch.long, device=first_bad.device)])
+        flags = self.trainer.strategy.all_gather(local).reshape(-1, 2).tolist()  # [[first_bad, bad_grad]] per rank
+        bad_loss = [(rank, m) for rank, (m, _) in enumerate(flags) if m >= 0]
+        if not bad_loss and not any(g for _, g in flags):
+            return
+        where = "; ".join(f"rank {rank}, micro-batch {m + 1} of {micro}" for rank, m in bad_loss)
+        step = self.global_step
+        what = f"the training loss is not finite in optimizer step {step + 1} ({where})" if bad_loss else \
+            f"the gradients are not finite in optimizer step {step + 1}"
+        raise NonFiniteLossError(
+            f"{what}; no rank applied it, so the weights and the last checkpoint are those of step {step}. "
+            f"Likely causes: a learning rate too high (model.lr), exploding gradients (set "
+            f"trainer.gradient_clip_val), or fp16 overflow (use bf16-mixed or 32-true)"
+        )
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -28,9 +28,11 @@ TINY = [
 ]
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m iddpm_lightning ARGS`` in ``cwd`` and return the finished process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m iddpm_lightning ARGS`` in ``cwd`` (environment ``env``, default ours) and
+    return the finished process."""
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run(
         [sys.executable, "-m", "iddpm_lightning", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,

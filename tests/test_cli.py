@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 import math
 
 import numpy as np
@@ -91,3 +93,29 @@ def test_ddp_fit_and_test_on_two_cpu_processes(tmp_path, digits_config):
     res = json.loads((run / "test" / "bpd.json").read_text())
     assert res["num_images"] == 37  # 19 + 18: no image padded in twice
     assert res["prior_bpd"] + res["decoder_bpd"] + res["kl_bpd"] == pytest.approx(res["bpd"], rel=1e-5)
+
+
+@pytest.mark.parametrize("accumulate, poisoned, good_steps", [(1, 3, 2), (2, 5, 2)])
+def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank_with_one_message(tmp_path, digits_config, accumulate,
+                                                                              poisoned, good_steps):
+    """Only rank 1's loss turns NaN (with accumulation: in the first micro-batch of step 3).
+    Both processes stop at once, before any rank applies the step, with the same sentence;
+    the checkpoint on disk is the last good step, with finite weights."""
+    run = tmp_path / "run"
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.monotonic()
+    proc = run_cli("fit", "--config", digits_config, f"--run_dir={run}", *TINY, *ddp, "--trainer.max_steps=10",
+                   f"--trainer.accumulate_grad_batches={accumulate}", "--checkpoint.every_n_train_steps=1",
+                   "--trainer.callbacks+=tests.faults.NaNOnRank", f"--trainer.callbacks.batch={poisoned}",
+                   cwd=tmp_path, env=env, check=False, timeout=180)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert time.monotonic() - start < 120  # no collective timeout (gloo's default is 30 minutes)
+    sentence = (f"error: the training loss is not finite in optimizer step {good_steps + 1} (rank 1, micro-batch 1 "
+                f"of {accumulate}); no rank applied it, so the weights and the last checkpoint are those of step "
+                f"{good_steps}.")
+    assert proc.stderr.count(sentence) == 2, proc.stderr[-3000:]  # rank 0 and rank 1, word for word
+    assert "Traceback" not in proc.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == good_steps
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

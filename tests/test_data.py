@@ -144,9 +144,21 @@ def test_cifar_round_trips_pixels_and_labels(cifar_root):
     val_x, _ = all_batches(dm.val_dataloader())
     assert len(val_x) == 4
     val_u8 = to_u8(val_x)
-    assert all(any(torch.equal(v, t) for t in images[N_TRAIN:]) for v in val_u8)  # a subset of the test set
     assert len({bytes(v.flatten().tolist()) for v in val_u8}) == 4
-    assert [len(x) for x, _ in dm.train_dataloader()] == [4] * 5
+    assert [len(x) for x, _ in dm.train_dataloader()] == [4] * 5  # all 20 training images train
+
+
+def test_cifar_validation_comes_from_the_training_split_test_is_the_whole_test_split(cifar_root):
+    root, images, _ = cifar_root
+    dm = CIFAR10DataModule(root=str(root), val_size=6, batch_size=4)
+    dm.setup("fit")
+    key = lambda u: bytes(u.flatten().tolist())
+    train = [key(u) for u in images[:N_TRAIN]]
+    val = [key(u) for u in to_u8(all_batches(dm.val_dataloader())[0])]
+    test = [key(u) for u in to_u8(all_batches(dm.test_dataloader())[0])]
+    assert val == [train[i] for i in dm.val_indices.tolist()]  # validation indices are training indices
+    assert not set(val) & set(test)  # never a test image
+    assert test == [key(u) for u in images[N_TRAIN:]]  # every test image, once, in order
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -154,19 +166,21 @@ def test_cifar_random_flip(cifar_root, flip):
     root, images, _ = cifar_root
     dm = CIFAR10DataModule(root=str(root), val_size=2, batch_size=4, random_flip=flip)
     dm.setup("fit")
-    torch.manual_seed(0)
     seen = Counter()
-    for _ in range(5):
-        for i in range(N_TRAIN):
-            u = to_u8(dm.train_set[i][0])
-            if torch.equal(u, images[i]):
-                seen["plain"] += 1
-            else:
-                assert torch.equal(u, images[i].flip(-1))  # a left-right mirror, nothing else
-                seen["flipped"] += 1
+    loader = dm.train_dataloader()
+    for epoch in range(5):
+        loader.sampler.set_epoch(epoch)
+        for x, _ in loader:
+            for u in to_u8(x):
+                if any(torch.equal(u, im) for im in images[:N_TRAIN]):
+                    seen["plain"] += 1
+                else:
+                    assert any(torch.equal(u, im.flip(-1)) for im in images[:N_TRAIN])  # a mirror, nothing else
+                    seen["flipped"] += 1
     assert seen["plain"] > 0 and (seen["flipped"] > 0) == flip
+    assert abs(seen["flipped"] - seen["plain"] * flip) < 30  # 100 fair coins when flipping
     val_x, _ = all_batches(dm.val_dataloader())
-    assert all(any(torch.equal(v, t) for t in images[N_TRAIN:]) for v in to_u8(val_x))  # never flipped
+    assert all(any(torch.equal(v, t) for t in images[:N_TRAIN]) for v in to_u8(val_x))  # never flipped
 
 
 def test_cifar_missing_dataset_names_root_and_download(tmp_path):
@@ -180,7 +194,7 @@ def test_cifar_batch_and_val_size_checked_in_setup(cifar_root):
     with pytest.raises(ConfigError, match=r"data\.batch_size.*20 training images"):
         CIFAR10DataModule(root=root, val_size=2, batch_size=21).setup("fit")
     with pytest.raises(ConfigError, match=r"data\.val_size"):
-        CIFAR10DataModule(root=root, val_size=11, batch_size=4).setup("fit")
+        CIFAR10DataModule(root=root, val_size=21, batch_size=4).setup("fit")
 
 
 # ----------------------------------------------------------------------------- image folder
@@ -237,26 +251,27 @@ def test_image_folder_shapes_labels_and_splits(folder):
     assert len(dm.train_dataloader()) == 1
 
 
-def test_image_folder_unlabeled_and_test_reuses_val(folder):
+def test_image_folder_unlabeled_and_without_a_test_split(folder):
     dm = ImageFolderDataModule(root=str(folder), image_size=4, val_size=2, batch_size=2)
     assert dm.num_classes == 0
     dm.setup("fit")
-    assert len(dm.train_set) == 4 and dm.test_set is dm.val_set
+    assert len(dm.train_set) == 4 and dm.test_set is None  # validation is never reported as test
     assert set(all_batches(dm.train_dataloader())[1].tolist()) == {0}
+    with pytest.raises(ConfigError, match=r"data\.test_root.*data\.test_size"):
+        dm.setup("test")
 
 
 def test_image_folder_resize_crop_matches_paper_code(folder, tmp_path):
-    write_image(tmp_path / "val" / "wide.png", 70, 40, 7)  # halved twice, then bicubic to 14x8, crop
-    write_image(tmp_path / "test" / "small.png", 5, 9, 8)  # upscaled
-    dm = ImageFolderDataModule(root=str(folder), image_size=8, val_root=str(tmp_path / "val"),
-                               test_root=str(tmp_path / "test"), batch_size=2)
+    write_image(tmp_path / "test" / "wide.png", 70, 40, 7)  # halved twice, then bicubic to 14x8, crop
+    write_image(tmp_path / "test" / "xsmall.png", 5, 9, 8)  # upscaled
+    dm = ImageFolderDataModule(root=str(folder), image_size=8, val_size=1, test_root=str(tmp_path / "test"),
+                               batch_size=2)
     dm.setup("fit")
-    assert len(dm.train_set) == 6  # nothing held out when val_root/test_root are given
-    for loader, path in ((dm.val_dataloader(), tmp_path / "val" / "wide.png"),
-                         (dm.test_dataloader(), tmp_path / "test" / "small.png")):
-        x, _ = all_batches(loader)
-        expected = torch.from_numpy(paper_resize_crop(path, 8)).permute(2, 0, 1)
-        assert torch.equal(to_u8(x[0]), expected)
+    assert len(dm.train_set) == 5 and len(dm.val_set) == 1  # validation held out of the training images
+    x, _ = all_batches(dm.test_dataloader())
+    for i, name in enumerate(["wide.png", "xsmall.png"]):
+        expected = torch.from_numpy(paper_resize_crop(tmp_path / "test" / name, 8)).permute(2, 0, 1)
+        assert torch.equal(to_u8(x[i]), expected)
 
 
 def test_image_folder_random_flip_mirrors(tmp_path):
@@ -264,11 +279,15 @@ def test_image_folder_random_flip_mirrors(tmp_path):
     write_image(tmp_path / "b.png", 8, 8, 10)
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, val_size=1, random_flip=True, batch_size=1)
     dm.setup("fit")
-    torch.manual_seed(0)
     plain = torch.from_numpy(paper_resize_crop(dm.train_set.files[0], 8)).permute(2, 0, 1)
-    outs = [to_u8(dm.train_set[0][0]) for _ in range(20)]
+    loader = dm.train_dataloader()
+    outs = []
+    for epoch in range(20):
+        loader.sampler.set_epoch(epoch)
+        outs += [to_u8(x[0]) for x, _ in loader]
     assert any(torch.equal(o, plain) for o in outs) and any(torch.equal(o, plain.flip(-1)) for o in outs)
     assert all(torch.equal(o, plain) or torch.equal(o, plain.flip(-1)) for o in outs)
+    assert torch.equal(dm.train_set[0][0], dm.train_set[(0, False)][0])  # a plain index never flips
 
 
 def test_image_folder_errors(folder, tmp_path):
@@ -278,8 +297,8 @@ def test_image_folder_errors(folder, tmp_path):
     (tmp_path / "empty" / "x.txt").write_text("")
     with pytest.raises(ConfigError, match=r"no images.*\.png.*\.jpg.*\.jpeg.*data\.root"):
         ImageFolderDataModule(root=str(tmp_path / "empty"))
-    with pytest.raises(ConfigError, match=r"data\.val_root"):
-        ImageFolderDataModule(root=str(folder), val_root=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"data\.test_root"):
+        ImageFolderDataModule(root=str(folder), test_root=str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match=r"data\.val_size"):
         ImageFolderDataModule(root=str(folder), val_size=6)  # would leave no training image
     write_image(folder / "top.png", 8, 8, 11)
@@ -297,10 +316,59 @@ def test_image_folder_corrupt_files_reported_in_setup(folder):
         dm.setup("fit")
 
 
-def test_resumable_loader_skips_the_batches_already_trained_on_once():
-    from iddpm_lightning.data import ResumableDataLoader
+# ----------------------------------------------------------------------------- resumable order
 
-    data = torch.arange(10)
-    loader = ResumableDataLoader(data, batch_size=2, skip_batches=3)
-    assert [b.tolist() for b in loader] == [[6, 7], [8, 9]]
-    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # next epoch: all
+
+def keys_of(loader, epochs, stop_after=None):
+    """Every batch of ``epochs`` (calling set_epoch as Lightning does) as lists of image values."""
+    out = []
+    for epoch in epochs:
+        loader.sampler.set_epoch(epoch)
+        for x, _ in loader:
+            out.append(x.flatten(1)[:, 0].tolist())
+            if stop_after is not None and len(out) == stop_after:
+                return out
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("stop_after", [3, 7, 8, 13])  # 4 batches an epoch: mid-epoch, last batch, next
+def test_train_loader_state_resumes_exactly_in_any_epoch(num_workers, stop_after):
+    """A loader restored from its state_dict continues with the batch the uninterrupted loader
+    would have drawn, in the saved epoch, with or without workers; a finished epoch resumes
+    at the start of the next. Lightning creates the iterator BEFORE it calls set_epoch."""
+    images = torch.arange(18, dtype=torch.uint8).view(18, 1, 1, 1)
+    make = lambda: _loader(images, num_workers)
+    straight = keys_of(make(), range(4))
+    assert len(straight) == 16 and len({v for b in straight[:4] for v in b}) == 16  # 2 images dropped per epoch
+
+    first = make()
+    seen = keys_of(first, range(4), stop_after=stop_after)
+    state = first.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    iterator = iter(resumed)  # as Lightning on a restart: the iterator first, then set_epoch
+    epoch = stop_after // 4
+    resumed.sampler.set_epoch(epoch)
+    rest = [x.flatten(1)[:, 0].tolist() for x, _ in iterator]
+    rest += keys_of(resumed, range(epoch + 1, 4))
+    assert seen + rest == straight
+
+
+def _loader(images, num_workers):
+    from iddpm_lightning.data import _U8Images
+
+    dm = DigitsDataModule(batch_size=4, num_workers=num_workers)
+    dm.train_set = _U8Images(images, torch.zeros(len(images)))
+    return dm.train_dataloader()
+
+
+def test_train_order_is_sharded_over_ranks_without_overlap():
+    from iddpm_lightning.data import EpochShuffleSampler
+
+    data = torch.arange(23)
+    shards = [list(EpochShuffleSampler(data, seed=5, batch_size=2, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(s) for s in shards] == [6, 6, 6]  # 23 // 3 = 7 each, whole batches of 2
+    assert len(set().union(*map(set, shards))) == 18  # disjoint
+    one = list(EpochShuffleSampler(data, seed=5, batch_size=1))
+    assert sorted(one) == list(range(23))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from iddpm_lightning.callbacks.fid import FID, INCEPTION_FILE, INCEPTION_URL, to_uint8_rgb
@@ -309,37 +309,219 @@ def test_fid_during_training_every_second_validation_with_a_tiny_iddpm(tmp_path)
     assert len(list((tmp_path / "fid_stats").glob("fid_ref_*.pt"))) == 1
 
 
+class Probe(Callback):
+    """Records, when training starts (after every setup, before the first step), what FID holds."""
+
+    def __init__(self, fid: FID, cache_dir: Path):
+        self.fid, self.cache_dir, self.seen = fid, cache_dir, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen = {"real_n": int(self.fid.metric.real_features_num_samples),
+                     "cache": sorted(p.name for p in self.cache_dir.glob("fid_ref_*.pt")),
+                     "step": trainer.global_step}
+
+
+def tiny_iddpm() -> IDDPM:
+    torch.manual_seed(0)
+    return IDDPM(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
+                 attention_resolutions=[], attention_head_dim=8, timesteps=20)
+
+
+def fit_trainer(root: Path, *callbacks, **kw) -> Trainer:
+    return Trainer(**{"accelerator": "cpu", "max_steps": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0,
+                      "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                      "enable_model_summary": False, "default_root_dir": root, "callbacks": list(callbacks), **kw})
+
+
+def test_reference_is_computed_and_cached_in_setup_before_the_first_training_step(tmp_path):
+    """The first FID validation would be far away: the reference is there when training starts."""
+    model = tiny_iddpm()
+    calls, sample = [], model.sample
+    model.sample = lambda n, *a, **k: calls.append(n) or sample(n, *a, **k)
+    fid = FID(num_samples=16, batch_size=100, sample_steps=5, every_n_val_epochs=1000,
+              feature_extractor=TinyExtractor())
+    probe = Probe(fid, tmp_path / "fid_stats")
+    dm = DigitsDataModule(batch_size=16)
+    fit_trainer(tmp_path, fid, probe).fit(model, datamodule=dm)
+    assert probe.seen["step"] == 0 and calls == []  # before training, and no FID evaluation happened
+    assert probe.seen["real_n"] == len(dm.train_set) == 1497
+    assert [name[:30] for name in probe.seen["cache"]] == ["fid_ref_DigitsDataModule_train"]
+    saved = torch.load(tmp_path / "fid_stats" / probe.seen["cache"][0], weights_only=True)
+    assert int(saved["real_features_num_samples"]) == 1497
+    torch.testing.assert_close(saved["real_features_sum"], fid.metric.real_features_sum.cpu())
+    assert not list((tmp_path / "fid_stats").glob("*.tmp*"))  # no temp file left behind
+
+
+class DigitsWith(DigitsDataModule):
+    """Digits whose reference split is replaced after setup (by ``make(split_set)``)."""
+
+    def __init__(self, split: str, make, **kw):
+        super().__init__(**kw)
+        self.split, self.make = split, make
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        setattr(self, f"{self.split}_set", self.make(getattr(self, f"{self.split}_set")))
+
+
+class Unreadable(torch.utils.data.Dataset):
+    def __init__(self, inner, bad=lambda i: i == 5):
+        self.inner, self.bad = inner, bad
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if self.bad(i):
+            raise OSError(f"image {i}: truncated file\n(second line)")
+        return self.inner[i]
+
+
+@pytest.mark.parametrize("case, fid_kw, make, needles", [
+    ("empty", dict(reference_split="val"), lambda d: torch.utils.data.Subset(d, []),
+     ["reference_split='val' is empty", "data.val_size"]),
+    ("unreadable", dict(), Unreadable, ["reference_split='train' cannot be read", "image 5: truncated file",
+                                        "data.root"]),
+])
+def test_bad_reference_split_fails_in_setup_before_training(tmp_path, case, fid_kw, make, needles):
+    model = tiny_iddpm()
+    before = [p.clone() for p in model.unet.parameters()]
+    split = fid_kw.get("reference_split", "train")
+    fid = FID(num_samples=16, sample_steps=5, feature_extractor=TinyExtractor(), **fid_kw)
+    probe = Probe(fid, tmp_path / "fid_stats")
+    with pytest.raises(ConfigError) as err:
+        fit_trainer(tmp_path, fid, probe).fit(model, datamodule=DigitsWith(split, make, batch_size=16))
+    msg = str(err.value)
+    assert all(n in msg for n in needles), msg
+    assert "\n" not in msg and msg.count(". ") == 0  # one sentence
+    assert probe.seen is None  # training never started
+    assert all(torch.equal(a, b) for a, b in zip(before, model.unet.parameters()))
+    assert not list(tmp_path.rglob("fid_ref_*"))
+
+
+def test_unwritable_cache_dir_fails_in_setup_and_the_default_folder_only_warns(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    fid = FID(num_samples=16, sample_steps=5, feature_extractor=TinyExtractor(), cache_dir=str(blocker / "stats"))
+    with pytest.raises(ConfigError, match=r"FID cache_dir=.*a_file/stats.*is not a writable folder") as err:
+        fit_trainer(tmp_path, fid).fit(tiny_iddpm(), datamodule=DigitsDataModule(batch_size=16))
+    assert "\n" not in str(err.value)
+    # The default folder (run directory here) unwritable: a warning, and the statistics still computed.
+    fid = FID(num_samples=16, feature_extractor=TinyExtractor())
+    dm = digits()
+    with pytest.warns(UserWarning, match="cannot write the reference statistics cache"):
+        validate(StubModel(), dm, fid, blocker)
+    assert int(fid.metric.real_features_num_samples) == 1497
+
+
+def test_no_data_module_fails_in_setup(tmp_path):
+    loader = torch.utils.data.DataLoader(digits().train_set, batch_size=16)
+    with pytest.raises(ConfigError, match="FID reference_split='train' needs a data module.*no data module"):
+        fid = FID(sample_steps=5, feature_extractor=TinyExtractor())
+        fit_trainer(tmp_path, fid).fit(tiny_iddpm(), train_dataloaders=loader)
+
+
 # ---------------------------------------------------------------------------- DDP
 
 
-@pytest.mark.slow
-def test_ddp_sums_rank_zero_reference_and_all_ranks_samples(tmp_path):
-    proc = subprocess.run([sys.executable, str(THIS), str(tmp_path)], cwd=tmp_path,
+def run_ddp_script(out_dir: Path, mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(THIS), str(out_dir), mode], cwd=out_dir,
                           capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_ddp_shares_the_reference_pass_and_sums_rank_zero_reference_and_all_ranks_samples(tmp_path):
+    proc = run_ddp_script(tmp_path, "ok")
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0["fid"] == r1["fid"]
-    assert r0["calls"] == [64, 64, 23] and r1["calls"] == [64, 64, 22]  # 301 samples in all
-    assert int(r0["real_n"]) == 1497 and int(r1["real_n"]) == 0  # the reference lives on rank 0 only
-    assert len(list((tmp_path / "run" / "fid_stats").glob("*.pt"))) == 1
+    first, cached = r0["first"], r0["cached"]
+    assert first["fid"] == r1["first"]["fid"]
+    assert first["calls"] == [64, 64, 23] and r1["first"]["calls"] == [64, 64, 22]  # 301 samples in all
+    # The reference pass was shared in setup: rank r read the images r, r + 2, ... and nothing else.
+    assert first["reads"] == 749 and r1["first"]["reads"] == 748
+    assert int(first["real"]["real_features_num_samples"]) == 1497  # the sum lives on rank 0 only
+    assert all(not v.any() for v in r1["first"]["real"].values())
+    files = list((tmp_path / "run" / "fid_stats").glob("*.pt"))
+    assert len(files) == 1 and not list((tmp_path / "run" / "fid_stats").glob("*.tmp*"))
+
+    # ... and it equals the single-process reference (to float64 rounding), as does the cache.
+    one = FID(num_samples=301, batch_size=64, feature_extractor=TinyExtractor())
+    validate(StubModel(), digits(), one, tmp_path / "one")
+    saved = torch.load(files[0], weights_only=True)
+    single = torch.load(next((tmp_path / "one" / "fid_stats").glob("*.pt")), weights_only=True)
+    differ = {"datamodule", "extractor"}  # the script's classes live in __main__
+    assert {k: v for k, v in json.loads(saved["key"]).items() if k not in differ} == \
+        {k: v for k, v in json.loads(single["key"]).items() if k not in differ}
+    for name, value in first["real"].items():
+        reference = getattr(one.metric, name).cpu()
+        torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(saved[name], reference, rtol=1e-12, atol=1e-9)
+
     fake = []
-    for rank, sizes in [(0, r0["calls"]), (1, r1["calls"])]:
+    for rank, sizes in [(0, first["calls"]), (1, r1["first"]["calls"])]:
         g = seeded_generator(torch.device("cpu"), 0, rank, 7)
         fake += [noise(n, g) for n in sizes]
     expected = direct_fid(u8_of(digits().train_set), to_uint8_rgb(torch.cat(fake))[:, :1], TinyExtractor())
-    assert float(r0["fid"]) == pytest.approx(expected, rel=1e-5)
+    assert float(first["fid"]) == pytest.approx(expected, rel=1e-5)
+
+    # A second run finds the cache: rank 0 loads it, no rank reads an image, the same FID.
+    assert cached["reads"] == 0 and r1["cached"]["reads"] == 0
+    assert int(cached["real"]["real_features_num_samples"]) == 1497
+    assert int(r1["cached"]["real"]["real_features_num_samples"]) == 0
+    assert float(cached["fid"]) == pytest.approx(float(first["fid"]), rel=1e-9)
 
 
-def _ddp_main(out_dir: Path) -> None:
-    model = StubModel()
-    fid = FID(num_samples=301, batch_size=64, feature_extractor=TinyExtractor())
-    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=1, default_root_dir=out_dir / "run",
-                      callbacks=[fid])
-    trainer.validate(model, datamodule=DigitsDataModule(batch_size=16))
-    torch.save({"fid": trainer.callback_metrics["val/fid"].cpu(), "calls": [c[0] for c in model.calls],
-                "real_n": fid.metric.real_features_num_samples.cpu()}, out_dir / f"rank{trainer.global_rank}.pt")
+@pytest.mark.slow
+def test_ddp_a_rank_that_cannot_read_its_shard_fails_every_rank_in_setup(tmp_path):
+    """Only rank 1's images (the odd indices) are unreadable: both ranks stop with rank 1's sentence
+    in setup, and neither is left waiting in a collective."""
+    proc = run_ddp_script(tmp_path, "broken")
+    assert proc.returncode != 0
+    errors = {r: (tmp_path / f"error{r}.txt").read_text() for r in (0, 1) if (tmp_path / f"error{r}.txt").exists()}
+    assert 1 in errors, proc.stderr[-4000:]
+    for msg in errors.values():
+        assert "reference_split='train' cannot be read" in msg and "image 1: truncated file" in msg
+    assert not list(tmp_path.rglob("fid_ref_*.pt"))
+
+
+class CountingDigits(DigitsDataModule):
+    """Digits whose training split counts its reads."""
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        if not isinstance(self.train_set, CountingDataset):
+            self.train_set = CountingDataset(self.train_set)
+
+
+def _ddp_trainer(out_dir: Path, fid: FID) -> Trainer:
+    return Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=1, default_root_dir=out_dir / "run",
+                   callbacks=[fid])
+
+
+def _ddp_main(out_dir: Path, mode: str) -> None:
+    if mode == "broken":
+        fid = FID(num_samples=301, batch_size=64, feature_extractor=TinyExtractor())
+        trainer = _ddp_trainer(out_dir, fid)
+        dm = DigitsWith("train", lambda d: Unreadable(d, bad=lambda i: i % 2 == 1), batch_size=16)
+        try:
+            trainer.validate(StubModel(), datamodule=dm)
+        except ConfigError as err:
+            (out_dir / f"error{trainer.global_rank}.txt").write_text(str(err))
+            raise
+        return
+    results = {}
+    for run in ("first", "cached"):
+        model, dm = StubModel(), CountingDigits(batch_size=16)
+        fid = FID(num_samples=301, batch_size=64, feature_extractor=TinyExtractor())
+        trainer = _ddp_trainer(out_dir, fid)
+        trainer.validate(model, datamodule=dm)
+        results[run] = {"fid": trainer.callback_metrics["val/fid"].cpu(), "calls": [c[0] for c in model.calls],
+                        "reads": dm.train_set.reads,
+                        "real": {k: getattr(fid.metric, k).cpu() for k in
+                                 ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")}}
+    torch.save(results, out_dir / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
-    _ddp_main(Path(sys.argv[1]))
+    _ddp_main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "ok")

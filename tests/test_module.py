@@ -86,13 +86,36 @@ def test_a_non_finite_loss_stops_before_the_weights_change(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
     trainer = Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, callbacks=[ckpt])
-    with pytest.raises(NonFiniteLossError, match=r"not finite at step 2 \(loss=nan.*model.lr"):
+    with pytest.raises(NonFiniteLossError, match=r"not finite in optimizer step 3 \(rank 0, micro-batch 1 of 1\).*those of step 2.*model.lr"):
         trainer.fit(model, loader)
     assert trainer.global_step == 2
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_non_finite_loss_in_any_micro_batch_stops_before_the_step(tmp_path):
+    """With gradient accumulation every micro-batch's loss is checked, not only the last one's."""
+    x = torch.rand(48, 1, 8, 8) * 2 - 1
+    x[24] = float("nan")  # the first micro-batch (of 3) of the second optimizer step
+    loader = DataLoader(TensorDataset(x, torch.zeros(48, dtype=torch.long)), batch_size=8)
+    model = tiny()
+    trainer = Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, enable_checkpointing=False, accumulate_grad_batches=3)
+    before = {}
+
+    class Snapshot(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if trainer.global_step == 1 and not before:
+                before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    trainer.callbacks.append(Snapshot())
+    with pytest.raises(NonFiniteLossError, match=r"not finite in optimizer step 2 \(rank 0, micro-batch 1 of 3\)"):
+        trainer.fit(model, loader)
+    assert trainer.global_step == 1 and int(model.ema_updates) == 1
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # neither the weights nor the EMA moved
 
 
 def test_ema_follows_weights_once_per_optimizer_step_with_warmup():

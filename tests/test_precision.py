@@ -47,3 +47,27 @@ def test_test_bits_per_dim_do_not_depend_on_precision(tmp_path):
         results[precision] = json.loads((root / "test" / "bpd.json").read_text())["bpd"]
     # float32 evaluation: the same numbers, well inside the 1e-3 bits the issue allows
     assert abs(results["bf16-mixed"] - results["32-true"]) < 1e-6
+
+
+def test_the_schedule_tables_stay_float64_under_any_module_dtype():
+    model = IDDPM(**TINY)
+    reference = {k: v.clone() for k, v in model.diffusion.named_buffers()}
+    model.to(torch.bfloat16)  # what trainer.precision=bf16-true applies to the module
+    assert next(model.unet.parameters()).dtype == torch.bfloat16
+    for name, table in model.diffusion.named_buffers():
+        assert table.dtype == reference[name].dtype and torch.equal(table, reference[name]), name
+    assert model.diffusion.alphas_cumprod.unique().numel() == 30  # every ᾱ_t distinct, not a few bf16 values
+    model.half().double().float()
+    assert all(torch.equal(t, reference[n]) for n, t in model.diffusion.named_buffers())
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_16_bit_true_precisions_are_refused_before_training(precision):
+    from iddpm_lightning.errors import ConfigError
+
+    model = IDDPM(**TINY)
+    trainer = Trainer(max_steps=1, precision=precision, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match=rf"trainer\.precision={precision}.*bf16-mixed"):
+        trainer.fit(model, data())
+    assert model.ema_updates == 0

@@ -1,5 +1,7 @@
-"""Reliability: a resumed run ends exactly where an uninterrupted one does; a stop signal
-leaves a checkpoint of a finished step; checkpoints are written atomically."""
+"""Reliability: a run stopped anywhere — by max_steps, SIGTERM, Ctrl-C or SIGKILL, mid-epoch
+or at an epoch's last batch, in any epoch, with or without loader workers, with gradient
+accumulation — and resumed with --ckpt_path last ends exactly where an uninterrupted run
+does, having trained on exactly the same batches."""
 
 from __future__ import annotations
 
@@ -13,8 +15,16 @@ import pytest
 import torch
 
 from .conftest import REPO, TINY, run_cli
+from .recorder import read_batches
 
 pytestmark = pytest.mark.slow
+
+# digits_vlb (ImportanceSampler history in the checkpoint, dropout 0.1), 1497 training images
+# in batches of 256: 5 batches an epoch. A validation every 10 batches exercises its streams too.
+ARGS = ["--config", str(REPO / "configs" / "digits_vlb.yaml"), *TINY, "--data.batch_size=256",
+        "--trainer.val_check_interval=10", "--trainer.callbacks+=tests.recorder.RecordBatches"]
+STEPS = 18  # epochs 0..3
+ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 def load(path):
@@ -35,65 +45,126 @@ def max_abs_diff(a, b) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("config", ["digits", "digits_vlb"])
-def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, config):
-    # 93 batches of 16 per epoch: stopping at step 5 is in the middle of the first epoch.
-    args = ["--config", str(REPO / "configs" / f"{config}.yaml"), *TINY, "--trainer.val_check_interval=3"]
-    run_cli("fit", *args, f"--run_dir={tmp_path / 'straight'}", "--trainer.max_steps=10", cwd=tmp_path)
-    run_cli("fit", *args, f"--run_dir={tmp_path / 'resumed'}", "--trainer.max_steps=5", cwd=tmp_path)
-    run_cli("fit", *args, f"--run_dir={tmp_path / 'resumed'}", "--trainer.max_steps=10", "--ckpt_path=last",
-            cwd=tmp_path)
-    a, b = (load(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "resumed"))
-    assert a["global_step"] == b["global_step"] == 10
+def fit(run_dir, *extra, cwd):
+    return run_cli("fit", *ARGS, f"--run_dir={run_dir}", *extra, cwd=cwd, env=ENV)
+
+
+def assert_same_run(straight, resumed, steps=STEPS):
+    """Same weights, EMA, optimizer and importance history, and the same batches in the same epochs."""
+    a, b = load(straight / "checkpoints" / "last.ckpt"), load(resumed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == steps
     assert max_abs_diff(a["state_dict"], b["state_dict"]) <= 1e-6  # weights, EMA weights, EMA count
     assert max_abs_diff(a["optimizer_states"], b["optimizer_states"]) <= 1e-6
-    sampler = [k for k in a["callbacks"] if k.startswith("ImportanceSampler")]
-    assert bool(sampler) == (config == "digits_vlb")
-    for k in sampler:
-        assert max_abs_diff(a["callbacks"][k], b["callbacks"][k]) <= 1e-6
-        assert int(a["callbacks"][k]["loss_counts"].sum()) == 10 * 16
+    (key,) = [k for k in a["callbacks"] if k.startswith("ImportanceSampler")]
+    assert max_abs_diff(a["callbacks"][key], b["callbacks"][key]) <= 1e-6
+    assert int(a["callbacks"][key]["loss_counts"].sum()) == 100 * 10  # T = 100 timesteps x 10 losses, all full
+    seen_a, seen_b = read_batches(straight), read_batches(resumed)
+    assert sorted(seen_b) == sorted(seen_a) and len(seen_a) >= steps
+    assert [seen_b[i]["images"] for i in sorted(seen_a)] == [seen_a[i]["images"] for i in sorted(seen_a)]
+    assert [seen_b[i]["epoch"] for i in sorted(seen_a)] == [seen_a[i]["epoch"] for i in sorted(seen_a)]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_leaves_a_checkpoint_of_a_finished_step_and_resumes(tmp_path, sig):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run, without loader workers."""
+    cwd = tmp_path_factory.mktemp("straight")
+    fit(cwd / "run", f"--trainer.max_steps={STEPS}", cwd=cwd)
+    return cwd / "run"
+
+
+@pytest.mark.parametrize("stop, workers", [(13, 0), (15, 2)])  # epoch 2: its 3rd batch | its last batch
+def test_resume_after_max_steps_in_a_later_epoch(straight, tmp_path, stop, workers):
+    """(The second case also shows that loader workers change no batch: the straight run has none.)"""
     run = tmp_path / "run"
-    # a "./"-relative run_dir: Lightning must still recognise our last.ckpt as its own
-    args = ["--config", str(REPO / "configs" / "digits.yaml"), "--run_dir=./run", *TINY]
-    proc = subprocess.Popen([sys.executable, "-m", "iddpm_lightning", "fit", *args, "--trainer.max_steps=100000",
-                             "--checkpoint.every_n_train_steps=1000"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while not list(run.glob("events.out.tfevents.*")) or time.monotonic() < deadline - 110:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.5)
-    time.sleep(3)  # a few steps in, mid-step most likely
+    fit(run, f"--trainer.max_steps={stop}", f"--data.num_workers={workers}", cwd=tmp_path)
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == stop
+    fit(run, f"--trainer.max_steps={STEPS}", f"--data.num_workers={workers}", "--ckpt_path=last", cwd=tmp_path)
+    assert_same_run(straight, run)
+
+
+def start(run, *extra, cwd):
+    return subprocess.Popen([sys.executable, "-m", "iddpm_lightning", "fit", *ARGS, f"--run_dir={run}", *extra],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**ENV, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(path, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_sigkill_from_the_latest_periodic_checkpoint(straight, tmp_path, workers):
+    run = tmp_path / "run"
+    proc = start(run, f"--trainer.max_steps={STEPS}", "--checkpoint.every_n_train_steps=3",
+                 f"--data.num_workers={workers}", cwd=tmp_path)
+    wait_for(run / "checkpoints" / "step=12.ckpt", proc)  # epoch 2, 2nd batch
+    proc.kill()
+    proc.wait()
+    # "last" is the latest whole save: last.ckpt, or a step file written just before a kill hit last.ckpt's write
+    step_files = {int(p.stem[len("step="):]): p for p in (run / "checkpoints").glob("step=*.ckpt")}
+    last_step = load(run / "checkpoints" / "last.ckpt")["global_step"]
+    newest = max(last_step, *step_files)
+    assert newest >= 12 and newest % 3 == 0
+    expected = run / "checkpoints" / "last.ckpt" if last_step == newest else step_files[newest]
+    proc = fit(run, f"--trainer.max_steps={STEPS}", f"--data.num_workers={workers}", "--ckpt_path=last", cwd=tmp_path)
+    assert f"Resuming from {expected}" in proc.stderr
+    assert_same_run(straight, run)
+
+
+@pytest.fixture(scope="module")
+def straight_accumulating(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("straight_acc")
+    fit(cwd / "run", f"--trainer.max_steps={ACC_STEPS}", "--trainer.accumulate_grad_batches=3", cwd=cwd)
+    return cwd / "run"
+
+
+ACC_STEPS = 10  # 30 micro-batches: 6 epochs
+
+
+def stop_by_signal(run, sig, cwd, *extra):
+    """Start a run, send ``sig`` a few micro-batches in, and return its last.ckpt and output."""
+    proc = start(run, *extra, "--checkpoint.every_n_train_steps=1000", cwd=cwd)
+    wait_for(run / "batches.jsonl", proc)
+    time.sleep(1.0)  # a few micro-batches in: most likely inside an accumulation window
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == (128 + signal.SIGTERM if sig == signal.SIGTERM else 0), out[-3000:]
-    assert "resume with --ckpt_path last" in out
-    ckpt = load(run / "checkpoints" / "last.ckpt")
+    assert "at an optimizer-step boundary" in out and "resume with --ckpt_path last" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    return load(run / "checkpoints" / "last.ckpt"), out
+
+
+def test_sigterm_during_accumulation_saves_a_whole_step_and_resumes_exactly(straight_accumulating, tmp_path):
+    run = tmp_path / "run"
+    acc = [f"--trainer.max_steps={ACC_STEPS}", "--trainer.accumulate_grad_batches=3"]
+    ckpt, out = stop_by_signal(run, signal.SIGTERM, tmp_path, *acc)
     stopped = ckpt["global_step"]
-    assert stopped >= 1 and int(ckpt["state_dict"]["ema_updates"]) == stopped
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
-    run_cli("fit", *args, f"--trainer.max_steps={stopped + 2}", "--ckpt_path=last", cwd=tmp_path)
-    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == stopped + 2
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert 1 <= stopped < ACC_STEPS, out[-3000:]
+    assert int(ckpt["state_dict"]["ema_updates"]) == stopped
+    # saved after the step's last micro-batch (3 a step, fewer at an epoch's end, where Lightning steps too)
+    whole = sum(1 for r in read_batches(straight_accumulating).values() if r["step"] < stopped)
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == whole
+    fit(run, *acc, "--ckpt_path=last", cwd=tmp_path)
+    assert_same_run(straight_accumulating, run, steps=ACC_STEPS)
 
 
-def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
-    from iddpm_lightning.checkpointing import AtomicCheckpointIO
+def test_ctrl_c_stops_at_a_step_boundary_with_exit_status_0(tmp_path):
+    # 5 micro-batches a step: one epoch of 5 batches, so each step is whole only after its 5th
+    ckpt, _ = stop_by_signal(tmp_path / "run", signal.SIGINT, tmp_path, "--trainer.max_steps=100000",
+                             "--trainer.accumulate_grad_batches=5")
+    assert ckpt["global_step"] >= 1
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 5 * ckpt["global_step"]
 
-    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
-    io.save_checkpoint({"step": torch.tensor(1)}, path)
 
-    def killed_midway(obj, f, *args, **kwargs):
-        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else f as handle:
-            handle.write(b"PK\x03\x04 partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", killed_midway)
-    with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"step": torch.tensor(2)}, path)
-    monkeypatch.undo()
-    assert load(path)["step"] == 1  # the good checkpoint is intact
-    assert not path.with_name("last.ckpt.tmp").exists()
+def test_periodic_checkpoints_are_all_kept_and_named_by_step(tmp_path):
+    run = tmp_path / "run"
+    run_cli("fit", "--config", str(REPO / "configs" / "digits.yaml"), *TINY, f"--run_dir={run}",
+            "--trainer.max_steps=7", "--checkpoint.every_n_train_steps=2", cwd=tmp_path)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
+    assert [load(run / "checkpoints" / f"step={s}.ckpt")["global_step"] for s in (2, 4, 6)] == [2, 4, 6]
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 7  # the end of fit, between two saves

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ..diffusion.resample import LossSecondMomentResampler
 from ..errors import ConfigError
+from ._settings import ClosedUnitInterval, NonNegativeInt, PositiveInt, require_int, require_unit_interval
 
 
 class ImportanceSampler(Callback):
@@ -26,16 +27,20 @@ class ImportanceSampler(Callback):
 
     Args:
         history_per_term: Losses kept per timestep for the estimate of E[L_t²].
-        uniform_prob: Share of the uniform distribution mixed into p_t.
+        uniform_prob: Share of the uniform distribution mixed into p_t, in [0, 1].
         plot_every_n_steps: Also plot p_t to TensorBoard every this many steps (0: only
             after each validation).
     """
 
-    def __init__(self, history_per_term: int = 10, uniform_prob: float = 0.001, plot_every_n_steps: int = 0):
-        if history_per_term < 1:
-            raise ConfigError(f"ImportanceSampler history_per_term must be >= 1, got {history_per_term}")
-        if not 0.0 <= uniform_prob <= 1.0:
-            raise ConfigError(f"ImportanceSampler uniform_prob must be in [0, 1], got {uniform_prob}")
+    def __init__(
+        self,
+        history_per_term: PositiveInt = 10,
+        uniform_prob: ClosedUnitInterval = 0.001,
+        plot_every_n_steps: NonNegativeInt = 0,
+    ):
+        require_int("ImportanceSampler history_per_term", history_per_term, 1)
+        require_unit_interval("ImportanceSampler uniform_prob", uniform_prob)
+        require_int("ImportanceSampler plot_every_n_steps", plot_every_n_steps, 0)
         self.history_per_term = history_per_term
         self.uniform_prob = uniform_prob
         self.plot_every_n_steps = plot_every_n_steps

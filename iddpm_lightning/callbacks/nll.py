@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..errors import ConfigError
 from ..module import seeded_generator
+from ._settings import NonNegativeInt, PositiveInt, require_int
 
 # The values are reduced across ranks before they are logged (sync_dist=False on purpose),
 # so Lightning's DDP advice to log them with sync_dist=True does not apply to them.
@@ -49,21 +50,23 @@ class BitsPerDim(Callback):
         every_n_val_epochs: Evaluate every this many validation runs.
         exact: Run the exact loop ``calc_bpd_loop`` (T model calls per image) instead, and
             log only ``val/bpd`` (no ``val/bpd_se``: the loop's own noise is not estimated).
-        seed: Seed of the t and ε draws.
+        seed: Seed of the t and ε draws (a non-negative integer).
     """
 
     def __init__(
         self,
-        num_images: int = 256,
-        num_strata: int = 20,
-        every_n_val_epochs: int = 1,
+        num_images: PositiveInt = 256,
+        num_strata: PositiveInt = 20,
+        every_n_val_epochs: PositiveInt = 1,
         exact: bool = False,
-        seed: int = 0,
+        seed: NonNegativeInt = 0,
     ):
         for name, value in (("num_images", num_images), ("num_strata", num_strata),
                             ("every_n_val_epochs", every_n_val_epochs)):
-            if value < 1:
-                raise ConfigError(f"BitsPerDim {name} must be >= 1, got {value}; set it to a positive integer.")
+            require_int(f"BitsPerDim {name}", value, 1)
+        if not isinstance(exact, bool):
+            raise ConfigError(f"BitsPerDim exact={exact!r} must be true or false; set it to one of them")
+        require_int("BitsPerDim seed", seed, 0)
         self.num_images = num_images
         self.num_strata = num_strata
         self.every_n_val_epochs = every_n_val_epochs

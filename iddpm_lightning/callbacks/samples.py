@@ -11,7 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
-from ..errors import ConfigError
+from ._settings import (SAMPLERS, NonNegativeInt, PositiveInt, Sampler, SampleSteps, require_choice, require_int,
+                        require_sample_steps)
 
 
 class SampleGrid(Callback):
@@ -24,17 +25,22 @@ class SampleGrid(Callback):
         num_samples: Images in the grid.
         sample_steps: Respaced sampling steps (e.g. 100, "10,15,25", "ddim50"); null: all T.
         sampler: ``ddpm`` (ancestral) or ``ddim``.
-        seed: Seed of the fixed noise.
+        seed: Seed of the fixed noise (a non-negative integer).
     """
 
     def __init__(
         self,
-        every_n_steps: int = 500,
-        num_samples: int = 64,
-        sample_steps: str | int | None = 100,
-        sampler: str = "ddpm",
-        seed: int = 0,
+        every_n_steps: PositiveInt = 500,
+        num_samples: PositiveInt = 64,
+        sample_steps: SampleSteps = 100,
+        sampler: Sampler = "ddpm",
+        seed: NonNegativeInt = 0,
     ):
+        require_int("SampleGrid every_n_steps", every_n_steps, 1)
+        require_int("SampleGrid num_samples", num_samples, 1)
+        require_sample_steps("SampleGrid sample_steps", sample_steps)
+        require_choice("SampleGrid sampler", sampler, SAMPLERS)
+        require_int("SampleGrid seed", seed, 0)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.sample_steps = sample_steps
@@ -45,8 +51,6 @@ class SampleGrid(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.sample_steps is not None:
             pl_module.respaced(self.sample_steps)  # a respacing T can't meet fails now, not after training
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ConfigError(f"SampleGrid sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
         if trainer.fast_dev_run:

@@ -19,7 +19,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchvision.utils import make_grid, save_image
 
-from ..errors import ConfigError
+from ._settings import (SAMPLERS, ClosedUnitInterval, NonNegativeInt, PositiveInt, Sampler, SampleSteps,
+                        require_choice, require_int, require_sample_steps, require_unit_interval)
 
 
 class SampleWriter(BasePredictionWriter):
@@ -36,27 +37,30 @@ class SampleWriter(BasePredictionWriter):
         sample_steps: Respaced steps: a count (50, 100), sections ("10,15,25"), a DDIM
             stride ("ddim50"), or null for all T.
         sampler: ``ddpm`` (ancestral, with the learned variance) or ``ddim``.
-        eta: DDIM's η (0: deterministic given the noise).
+        eta: DDIM's η in [0, 1] (0: deterministic given the noise; 1: DDPM-like noise).
         batch_size: Images sampled at once per device.
-        seed: Seed of the noise.
+        seed: Seed of the noise (a non-negative integer).
         out_dir: Output folder; null: ``{run_dir}/predict``.
     """
 
     def __init__(
         self,
-        num_samples: int = 64,
-        sample_steps: str | int | None = 100,
-        sampler: str = "ddpm",
-        eta: float = 0.0,
-        batch_size: int = 64,
-        seed: int = 0,
+        num_samples: PositiveInt = 64,
+        sample_steps: SampleSteps = 100,
+        sampler: Sampler = "ddpm",
+        eta: ClosedUnitInterval = 0.0,
+        batch_size: PositiveInt = 64,
+        seed: NonNegativeInt = 0,
         out_dir: str | None = None,
     ):
         super().__init__(write_interval="batch")
-        if num_samples < 1 or batch_size < 1:
-            raise ConfigError("sampling.num_samples and sampling.batch_size must be at least 1")
-        if sampler not in ("ddpm", "ddim"):
-            raise ConfigError(f"sampling.sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        # Named as the CLI's ``sampling`` group, where a user sets them.
+        require_int("sampling.num_samples", num_samples, 1)
+        require_sample_steps("sampling.sample_steps", sample_steps)
+        require_choice("sampling.sampler", sampler, SAMPLERS)
+        require_unit_interval("sampling.eta", eta)
+        require_int("sampling.batch_size", batch_size, 1)
+        require_int("sampling.seed", seed, 0)
         self.num_samples, self.sample_steps, self.sampler, self.eta = num_samples, sample_steps, sampler, eta
         self.batch_size, self.seed, self.out_dir = batch_size, seed, out_dir
         self._parts: list[dict] = []

@@ -127,6 +127,15 @@ class GaussianDiffusion(nn.Module):
             timestep_map = torch.arange(T)
         self.register_buffer("timestep_map", torch.as_tensor(timestep_map, dtype=torch.long), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Tables follow the module's device but never its dtype: ``module.to(torch.bfloat16)``
+        (which a 16-bit ``trainer.precision`` applies to the whole LightningModule) would
+        collapse ᾱ_t to a few distinct values. ``_extract`` casts after indexing instead."""
+        for name, table in self._buffers.items():
+            if table is not None:
+                self._buffers[name] = table.to(device=fn(table[:0]).device)
+        return self
+
     # ------------------------------------------------------------------ helpers
 
     def _extract(self, table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

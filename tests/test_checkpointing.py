@@ -1,0 +1,66 @@
+"""Durable atomic checkpoint writes, whatever CheckpointIO the trainer's plugins chose."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from iddpm_lightning.checkpointing import DurableCheckpointIO
+
+from .conftest import REPO, TINY
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_a_save_is_written_synced_renamed_and_its_folder_synced(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", str(a), str(b))), real_replace(a, b)))
+    path = tmp_path / "last.ckpt"
+    DurableCheckpointIO(TorchCheckpointIO()).save_checkpoint({"step": torch.tensor(1)}, path)
+    tmp = str(path) + ".tmp"
+    assert calls == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]
+    assert load(path)["step"] == 1
+
+
+@pytest.mark.parametrize("failure", ["write", "rename"])
+def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, failure):
+    io, path = DurableCheckpointIO(TorchCheckpointIO()), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def killed_midway(obj, f, *args, **kwargs):
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else f as handle:
+            handle.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    def killed_after_the_temporary_write(a, b):
+        raise KeyboardInterrupt
+
+    if failure == "write":
+        monkeypatch.setattr(torch, "save", killed_midway)
+    else:
+        monkeypatch.setattr(os, "replace", killed_after_the_temporary_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert load(path)["step"] == 1  # the good checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def test_the_cli_makes_every_save_durable_whatever_the_plugins(tmp_path):
+    from iddpm_lightning.cli import IDDPMCLI
+
+    args = ["--config", str(REPO / "configs" / "digits.yaml"), *TINY, f"--run_dir={tmp_path / 'run'}",
+            "--trainer.plugins=lightning.fabric.plugins.environments.LightningEnvironment"]
+    cli = IDDPMCLI(args=args, run=False)
+    io = cli.trainer.strategy.checkpoint_io
+    assert isinstance(io, DurableCheckpointIO) and isinstance(io.inner, TorchCheckpointIO)
+    env = cli.trainer._accelerator_connector.cluster_environment
+    assert type(env).__name__ == "LightningEnvironment"  # the plugin was applied too
