@@ -34,6 +34,14 @@ def _fsync(path: str | Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Make the finished file ``tmp`` the file ``path``: fsync it, rename it onto ``path``
+    (atomic on POSIX) and fsync the folder, so that a crash leaves the old or the new file."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent, directory=True)
+
+
 class DurableCheckpointIO(CheckpointIO):
     """Saves through ``inner`` (the trainer's CheckpointIO) to ``path.tmp``, then fsync,
     ``os.replace`` onto ``path`` (atomic on POSIX) and fsync of the folder. Remote paths
@@ -49,12 +57,10 @@ class DurableCheckpointIO(CheckpointIO):
         tmp = path.with_name(path.name + ".tmp")
         try:
             self.inner.save_checkpoint(checkpoint, tmp, storage_options)
-            _fsync(tmp)
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync(path.parent, directory=True)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)

@@ -8,6 +8,8 @@ auto-versioned, so ``fit --ckpt_path last`` finds the run it continues.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +27,54 @@ from .errors import ConfigError, NonFiniteLossError, StopRequested
 from .module import IDDPM, RUNTIME, check_compatible, check_precision
 
 
+class ConciseParser(LightningArgumentParser):
+    """A bad value is one line naming the setting (``data.batch_size: Not of type PositiveInt:
+    0 does not conform to restriction v>0``), not jsonargparse's usage text and union tree."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse trying a branch of a union: not the user's error yet
+            return super().error(message, ex)
+        print(f"error: {concise_parse_error(message)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def concise_parse_error(message: str) -> str:
+    """The setting (the nested ``Parser key`` names joined with dots, and the class it belongs
+    to) and the first line of the reason, from a jsonargparse error message."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    keys, owner, last = [], None, None
+    for i, line in enumerate(lines):
+        if m := re.match(r'Parser key "([^"]+)":\s*(.*)$', line):
+            keys.append(m.group(1))
+            lines[i], last = m.group(2), i
+        elif m := re.match(r"- Problem with given class_path '([^']+)':", line):
+            owner = m.group(1).rsplit(".", 1)[-1]
+            lines[i], last = "", i
+    if last is None:
+        return lines[0] if lines else message
+    noise = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
+    reason = next((line.lstrip("- ") for line in lines[last:] if line and not line.startswith(noise)), "invalid value")
+    where = f" (of {owner})" if owner else ""
+    return f"{'.'.join(keys)}{where}: {reason}; see --help for the valid values"
+
+
+# Ranges of trainer settings that Lightning takes as plain ints or floats and would only
+# trip over later (accumulate_grad_batches=0 divides by zero after the first batch).
+TRAINER_MINIMA = {"accumulate_grad_batches": 1, "num_nodes": 1, "log_every_n_steps": 1,
+                  "check_val_every_n_epoch": 1, "gradient_clip_val": 0, "min_steps": -1, "max_epochs": -1}
+
+
+def check_trainer_settings(trainer: dict) -> None:
+    for key, minimum in TRAINER_MINIMA.items():
+        value = trainer.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+            raise ConfigError(f"trainer.{key}={value} must be at least {minimum}; set it to {minimum} or more")
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+        raise ConfigError(f"trainer.val_check_interval={interval} must be positive (a number of batches, or a "
+                          f"fraction of an epoch in (0, 1])")
+
+
 class IDDPMCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         super().__init__(
@@ -33,6 +83,7 @@ class IDDPMCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_class=ConciseParser,
             args=args,
             run=run,
         )
@@ -98,6 +149,15 @@ class IDDPMCLI(LightningCLI):
         check_precision(self.trainer.precision)
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_trainer_settings(config.get("trainer") or {})
+        run_dir = self._run_dir()
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"run_dir={run_dir} is a file, not a folder; give a folder for the run's outputs "
+                              f"(it is created if missing)")
+        existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise ConfigError(f"run_dir={run_dir} cannot be written ({existing} is read-only); give a writable folder")
         if self.subcommand != "fit":
             return
         cfg = self.config.fit

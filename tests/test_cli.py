@@ -25,6 +25,7 @@ def test_fit_resume_test(tmp_path, digits_config):
     args = ["--config", digits_config, f"--run_dir={run}", *TINY]
     fit = run_cli("fit", *args, "--trainer.max_steps=4", cwd=tmp_path)
     assert f"Run directory: {run}" in fit.stdout
+    assert "Global batch: 16 images per optimizer step = data.batch_size 16 x 1 device(s)" in fit.stdout + fit.stderr
     last = run / "checkpoints" / "last.ckpt"
     assert global_step(last) == 4
     # one "last" checkpoint, not a versioned last-v1.ckpt next to it
@@ -38,10 +39,15 @@ def test_fit_resume_test(tmp_path, digits_config):
     assert last.stat().st_mtime_ns == before
 
     # Resume continues the same run: global step, optimizer and EMA counter carry on.
-    resumed = run_cli("fit", *args, "--trainer.max_steps=6", "--ckpt_path=last", cwd=tmp_path)
+    # A --model.* override is not applied on resume, and says so by name (runtime settings apply silently).
+    resumed = run_cli("fit", *args, "--trainer.max_steps=6", "--ckpt_path=last", "--model.lr=0.5",
+                      "--model.bpd_batch_size=7", cwd=tmp_path)
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert "these configured values are NOT used: model.lr=0.5 (the checkpoint's: 0.0002)" in resumed.stderr
+    assert "bpd_batch_size=7" not in resumed.stderr
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and int(ckpt["state_dict"]["ema_updates"]) == 6
+    assert ckpt["hyper_parameters"]["lr"] == 2e-4 and ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 2e-4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
 
     test = run_cli("test", *args, f"--ckpt_path={last}", "--trainer.limit_test_batches=2", cwd=tmp_path)

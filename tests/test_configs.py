@@ -29,14 +29,14 @@ def test_imagenet64_config_starts(tmp_path, inception_weights):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / inception_weights.name).symlink_to(inception_weights)
     rng = np.random.default_rng(0)
-    for split, n in [("train", 6), ("val", 3)]:
+    for split, n in [("train", 8), ("val", 3)]:
         for i in range(n):
             path = tmp_path / "imagenet64" / split / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, size=(80, 72, 3), dtype=np.uint8)).save(path)
     run_cli("fit", "--config", str(REPO / "configs" / "imagenet64_hybrid.yaml"), f"--run_dir={tmp_path / 'run'}",
             *SMOKE, f"--data.root={tmp_path / 'imagenet64' / 'train'}",
-            f"--data.val_root={tmp_path / 'imagenet64' / 'val'}", cwd=tmp_path, timeout=600)
+            f"--data.test_root={tmp_path / 'imagenet64' / 'val'}", "--data.val_size=2", cwd=tmp_path, timeout=600)
 
 
 def test_digits_vlb_trains_with_the_importance_sampler(tmp_path):

@@ -3,8 +3,10 @@ and nothing already written (checkpoints, logs) touched. Each case runs the real
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import sys
 import time
 
 import numpy as np
@@ -58,7 +60,7 @@ def untouched(before: dict, after: dict) -> bool:
         p for p in after.keys() - before.keys() if p.suffix == ".ckpt"]
 
 
-IMAGE_FOLDER = [IMAGENET, "--trainer.callbacks=[]", "--data.val_root=null", "--data.val_size=1",
+IMAGE_FOLDER = [IMAGENET, "--trainer.callbacks=[]", "--data.test_root=null", "--data.val_size=1",
                 "--data.num_workers=0", "--data.persistent_workers=false"]
 
 CASES = {
@@ -75,19 +77,69 @@ CASES = {
                                     "in_channels=1 (here 3)"),
     "truncated checkpoint": (["test", "--config", DIGITS, "--ckpt_path={ws}/truncated.ckpt"], "truncated.ckpt"),
     "missing checkpoint": (["test", "--config", DIGITS, "--ckpt_path={ws}/nothing.ckpt"], "does not exist"),
-    "unknown schedule": (["fit", "--config", DIGITS, "--model.noise_schedule=cosin"], "cosine, linear"),
-    "unknown loss": (["fit", "--config", DIGITS, "--model.loss_type=kl"], "simple, hybrid, vlb"),
-    "unknown variance": (["fit", "--config", DIGITS, "--model.model_var_type=learned"],
-                         "learned_range, fixed_small, fixed_large"),
-    "T < 1": (["fit", "--config", DIGITS, "--model.timesteps=0"], "timesteps must be an integer >= 1"),
     "respacing": (["predict", "--config", DIGITS, "--ckpt_path={ws}/run/checkpoints/last.ckpt",
                    "--sampling.sample_steps=500"], "cannot keep 500"),
     "batch larger than data": (["fit", "--config", DIGITS, "--data.batch_size=5000", "--run_dir={ws}/run",
                                 "--ckpt_path=last"], "data.batch_size"),
-    "config key typo": (["fit", "--config", DIGITS, "--model.ema_rate=0.9"], "ema_rate"),
     "test without checkpoint": (["test", "--config", DIGITS], "--ckpt_path"),
     "malicious checkpoint": (["test", "--config", DIGITS, "--ckpt_path={ws}/evil.ckpt"], "evil.ckpt"),
 }
+
+
+# Refused while the command line is parsed or the trainer is built, before any data or model:
+# run in-process through the CLI's main() (the same code path, without a new interpreter's startup).
+PARSE_CASES = {
+    "unknown schedule": (["fit", "--config", DIGITS, "--model.noise_schedule=cosin"],
+                         "model.noise_schedule: Expected a typing.Literal['cosine', 'linear']. Got value: cosin"),
+    "unknown loss": (["fit", "--config", DIGITS, "--model.loss_type=kl"], "model.loss_type: Expected"),
+    "unknown variance": (["fit", "--config", DIGITS, "--model.model_var_type=learned"],
+                         "'learned_range', 'fixed_small', 'fixed_large'"),
+    "T < 1": (["fit", "--config", DIGITS, "--model.timesteps=0"], "model.timesteps: Not of type PositiveInt"),
+    # point 11 of issue 12: every setting group refuses a bad value before anything is built
+    "negative learning rate": (["fit", "--config", DIGITS, "--model.lr=-1e-4"], "model.lr: Not of type PositiveFloat"),
+    "dropout above 1": (["fit", "--config", DIGITS, "--model.dropout=1.5"], "model.dropout: Not of type"),
+    "EMA decay of 1": (["fit", "--config", DIGITS, "--model.ema_decay=1.0"], "model.ema_decay: Not of type"),
+    "zero-width level": (["fit", "--config", DIGITS, "--model.block_out_channels=[64,0]"],
+                         "model.block_out_channels: Not of type PositiveInt"),
+    "zero batch": (["fit", "--config", DIGITS, "--data.batch_size=0"], "data.batch_size (of DigitsDataModule)"),
+    "negative workers": (["fit", "--config", DIGITS, "--data.num_workers=-2"], "data.num_workers"),
+    "negative split seed": (["fit", "--config", DIGITS, "--data.split_seed=-1"], "data.split_seed"),
+    "negative checkpoint interval": (["fit", "--config", DIGITS, "--checkpoint.every_n_train_steps=-1"],
+                                     "every_n_train_steps=-1"),
+    "keep count below -1": (["fit", "--config", DIGITS, "--checkpoint.save_top_k=-2"], "save_top_k=-2"),
+    "no accumulation": (["fit", "--config", DIGITS, "--trainer.accumulate_grad_batches=0"],
+                        "trainer.accumulate_grad_batches=0"),
+    "16-bit weights": (["fit", "--config", DIGITS, "--trainer.precision=bf16-true"], "trainer.precision=bf16-true"),
+    "run_dir is a file": (["fit", "--config", DIGITS, "--run_dir={ws}/truncated.ckpt"], "run_dir="),
+    "config key typo": (["fit", "--config", DIGITS, "--model.ema_rate=0.9"], "ema_rate"),
+    "removed data key": (["fit", "--config", DIGITS, "--data.val_root=x"], "data (of DigitsDataModule): Option 'val_root'"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARSE_CASES))
+def test_a_bad_setting_is_refused_in_one_line_before_anything_is_built(workspace, case, capsys, monkeypatch):
+    from iddpm_lightning.cli import main
+
+    args, needle = PARSE_CASES[case]
+    args = [a.replace("{ws}", str(workspace)) for a in args]
+    if "--run_dir" not in " ".join(args):
+        args.append(f"--run_dir={workspace / 'fresh'}")
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything writes it; undone after the test
+    for handler in logging.getLogger("lightning").handlers + logging.getLogger("lightning.pytorch").handlers:
+        if isinstance(handler, logging.StreamHandler):  # bound to an earlier test's captured stream
+            monkeypatch.setattr(handler, "stream", sys.stderr)
+    before = snapshot(workspace)
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert time.monotonic() - start < 30
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], err[-3000:]
+    assert "Traceback" not in err and "usage:" not in err
+    assert untouched(before, snapshot(workspace)) and not (workspace / "fresh").exists()
 
 
 @pytest.mark.parametrize("case", list(CASES))

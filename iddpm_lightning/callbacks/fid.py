@@ -21,8 +21,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from ..checkpointing import replace_durably
 from ..errors import ConfigError
-from ..module import seeded_generator
+from ..rng import seeded_generator
 from ._settings import (SAMPLERS, AtLeastTwoInt, ClosedUnitInterval, NonNegativeInt, PositiveInt, Sampler,
                         SampleSteps, require_choice, require_int, require_sample_steps, require_unit_interval)
 
@@ -412,19 +413,8 @@ class FID(Callback):
         states = {name: getattr(self.metric, name).detach().cpu() for name in _REAL_STATES}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
-                torch.save({**states, "key": key}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # an interrupted run leaves no half-written cache
-            try:
-                fd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass  # folders cannot be fsynced on every platform
+            torch.save({**states, "key": key}, tmp)
+            replace_durably(tmp, path)  # an interrupted run leaves no half-written cache
         except OSError as err:
             tmp.unlink(missing_ok=True)
             rank_zero_warn(f"FID: could not write the reference statistics cache {path} ({err}); "

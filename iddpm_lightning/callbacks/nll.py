@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..errors import ConfigError
-from ..module import seeded_generator
+from ..rng import seeded_generator
 from ._settings import NonNegativeInt, PositiveInt, require_int
 
 # The values are reduced across ranks before they are logged (sync_dist=False on purpose),
