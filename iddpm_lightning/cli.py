@@ -104,6 +104,14 @@ class IDDPMCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000,
                              "checkpoint.filename": "{step}", "checkpoint.save_top_k": -1})
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand")) or self.config
+        seed = config.get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= 2**32 - 1:
+            raise ConfigError(f"seed_everything={seed} must be in [0, {2**32 - 1}] (numpy's seeds), or true for "
+                              f"a random seed; set a non-negative seed")
+
     # --------------------------------------------------- run dir and checkpoints
 
     def _run_dir(self) -> Path:
@@ -210,7 +218,15 @@ def latest_checkpoint(folder: Path) -> Path | None:
     file ahead). last.ckpt's step is read memory-mapped, without loading its tensors."""
     last = folder / "last.ckpt"
     steps = {int(p.stem.split("=", 1)[1]): p for p in folder.glob("step=*.ckpt") if p.stem.split("=", 1)[1].isdigit()}
-    last_step = read_checkpoint(last, mmap=True).get("global_step", -1) if last.is_file() else -1
+    last_step = -1
+    if last.is_file():
+        try:
+            last_step = read_checkpoint(last, mmap=True).get("global_step", -1)
+        except ConfigError:
+            if not steps:
+                raise
+            rank_zero_info(f"{last} cannot be read; resuming from the newest periodic checkpoint instead")
+            last = folder / "missing"
     best = max(steps, default=-1)
     if best > last_step:
         return steps[best]

@@ -41,6 +41,20 @@ def build_unet(
             f"norm has 32 groups); change {bad}"
         )
     resolutions = [image_size // 2**i for i in range(levels)]
+    stray = [r for r in attention_resolutions if r not in resolutions]
+    if stray:
+        raise ConfigError(
+            f"model.attention_resolutions {list(attention_resolutions)} names {stray}, which no level of this UNet "
+            f"works at (its levels are at {resolutions} pixels); use some of {resolutions}, or [] for none"
+        )
+    # the middle block (at the last level's width) always has attention
+    bad = [c for i, (c, r) in enumerate(zip(block_out_channels, resolutions))
+           if (r in attention_resolutions or i == levels - 1) and c % attention_head_dim]
+    if bad:
+        raise ConfigError(
+            f"model.attention_head_dim={attention_head_dim} (channels per head) must divide the channels of every "
+            f"level with attention and of the middle block, but not {bad}; choose a divisor such as 32"
+        )
     attention = [r in attention_resolutions for r in resolutions]
     return UNet2DModel(
         sample_size=image_size,

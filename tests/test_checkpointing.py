@@ -64,3 +64,20 @@ def test_the_cli_makes_every_save_durable_whatever_the_plugins(tmp_path):
     assert isinstance(io, DurableCheckpointIO) and isinstance(io.inner, TorchCheckpointIO)
     env = cli.trainer._accelerator_connector.cluster_environment
     assert type(env).__name__ == "LightningEnvironment"  # the plugin was applied too
+
+
+def test_ckpt_path_last_is_the_newest_whole_save(tmp_path):
+    """last.ckpt, unless a kill between the two files of one save left a newer step file, or
+    last.ckpt itself is unreadable (written by something else than this template)."""
+    from iddpm_lightning.cli import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None
+    for step in (6, 9):
+        torch.save({"global_step": step}, tmp_path / f"step={step}.ckpt")
+    torch.save({"global_step": 9}, tmp_path / "last.ckpt")
+    (tmp_path / "step=12.ckpt.tmp").write_bytes(b"an interrupted write")
+    assert latest_checkpoint(tmp_path) == tmp_path / "last.ckpt"
+    torch.save({"global_step": 12}, tmp_path / "step=12.ckpt")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step=12.ckpt"
+    (tmp_path / "last.ckpt").write_bytes(b"garbage")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step=12.ckpt"
