@@ -44,6 +44,9 @@ def concise_parse_error(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     keys, owner, last = [], None, None
     for i, line in enumerate(lines):
+        if owner is not None and line.startswith("- "):
+            lines = lines[:i]  # the next branch of a union: the first one, the most specific, has the reason
+            break
         if m := re.match(r'Parser key "([^"]+)":\s*(.*)$', line):
             keys.append(m.group(1))
             lines[i], last = m.group(2), i
