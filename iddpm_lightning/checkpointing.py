@@ -105,7 +105,8 @@ class GracefulStop(Callback):
         if self.signal is None:
             self.signal = signal.Signals(signum).name
             again = " (press Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""
-            print(f"\n{self.signal}: stopping after this optimizer step and saving last.ckpt{again}", flush=True)
+            # os.write, not print: a handler that prints while the step prints raises "reentrant call"
+            os.write(2, f"\n{self.signal}: stopping after this optimizer step and saving last.ckpt{again}\n".encode())
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         self._stepped = True
@@ -142,6 +143,7 @@ class GracefulStop(Callback):
         ``on_train_end`` would mark the epoch finished, and a resume would skip its rest);
         here only if training stopped otherwise (e.g. early stopping). ModelCheckpoint's own
         end-of-fit save writes last.ckpt only if it saved nothing during the run."""
+        self._restore_handlers()
         ckpt = trainer.checkpoint_callback
         if ckpt is None or trainer.fast_dev_run or self._saved_step == trainer.global_step:
             return
@@ -170,7 +172,11 @@ class GracefulStop(Callback):
                                                                                            "checkpoints")
         return os.path.join(directory, "last.ckpt")
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        """Give the signals back before Lightning's teardown restores its own originals."""
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}

@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -24,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from .callbacks.writer import SampleWriter
 from .checkpointing import DurableCheckpointIO, GracefulStop, read_checkpoint, unreadable_checkpoint
 from .errors import ConfigError, NonFiniteLossError, StopRequested
-from .module import IDDPM, RUNTIME, check_compatible, check_precision
+from .module import IDDPM, RUNTIME, check_compatible, check_precision, plain
 
 
 class ConciseParser(LightningArgumentParser):
@@ -142,7 +143,14 @@ class IDDPMCLI(LightningCLI):
                 rank_zero_info(f"Resuming from {latest}")
         path = cfg.get("ckpt_path")
         if path and path not in ("last", "best", "hpc", "registry"):
-            hparams = read_checkpoint(path).get("hyper_parameters", {})
+            checkpoint = read_checkpoint(path, mmap=True)
+            hparams = checkpoint.get("hyper_parameters", {})
+            seed = checkpoint.get("seed")
+            if sub == "fit" and seed is not None and cfg.get("seed_everything") != seed:
+                # Every random stream is keyed by the seed: another one would resume on other data orders and noise.
+                print(f"warning: --ckpt_path continues the run with the checkpoint's seed_everything={seed}; the "
+                      f"configured {cfg.get('seed_everything')!r} is NOT used", file=sys.stderr)
+                cfg.seed_everything = seed
             for key in ("_instantiator", *RUNTIME):
                 hparams.pop(key, None)
             if hparams:
@@ -192,8 +200,13 @@ class IDDPMCLI(LightningCLI):
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
         kwargs["callbacks"] = callbacks
         trainer = super().instantiate_trainer(**kwargs)
-        # Whatever CheckpointIO the plugins chose, every save goes through a durable atomic write.
-        trainer.strategy.checkpoint_io = DurableCheckpointIO(trainer.strategy.checkpoint_io)
+        # Whatever CheckpointIO the plugins chose, every save goes through a durable atomic write
+        # (inside a wrapping IO such as AsyncCheckpointIO, whose thread does the writing).
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, _WrappingCheckpointIO):  # its setter ignores a second base IO: set the field
+            io._checkpoint_io = DurableCheckpointIO(io.checkpoint_io)
+        else:
+            trainer.strategy.checkpoint_io = DurableCheckpointIO(io)
         return trainer
 
     def before_predict(self) -> None:
@@ -242,15 +255,11 @@ def _warn_unused_model_settings(configured, saved: dict) -> None:
     linked = ("image_size", "in_channels", "num_classes")  # follow the data; check_compatible checks them
     configured = dict(configured or {})
     differ = [f"model.{k}={configured[k]!r} (the checkpoint's: {v!r})" for k, v in saved.items()
-              if k in configured and k not in linked and _plain(configured[k]) != _plain(v)]
+              if k in configured and k not in linked and plain(configured[k]) != plain(v)]
     if differ:
         print(f"warning: --ckpt_path rebuilds the model from the checkpoint's settings, so these configured values "
               f"are NOT used: {', '.join(differ)}; only {', '.join('model.' + k for k in RUNTIME)} come from the "
               f"config and command line", file=sys.stderr)
-
-
-def _plain(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _config_error(e: BaseException) -> ConfigError | None:

@@ -128,6 +128,34 @@ class EpochShuffleSampler(DistributedSampler):
         self.epoch, self.yielded, self._resume_at = int(state["epoch"]), int(state["yielded"]), int(state["yielded"])
 
 
+def _find_sampler_state(state: Any) -> Optional[dict]:
+    """The EpochShuffleSampler state ({epoch, yielded}) inside a StatefulDataLoader state, whose
+    layout depends on the number of workers that saved it."""
+    if isinstance(state, dict):
+        if "sampler_state" in state and isinstance(state["sampler_state"], dict) and "epoch" in state["sampler_state"]:
+            return state["sampler_state"]
+        for value in state.values():
+            found = _find_sampler_state(value)
+            if found is not None:
+                return found
+    return None
+
+
+class ResumableLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader, which Lightning checkpoints, restored through its sampler
+    alone: the datasets are deterministic, so the sampler's (epoch, position) is the whole state,
+    and a run saved with one ``num_workers`` resumes exactly with another (torchdata's own
+    restore requires the same worker count)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sampler_state = _find_sampler_state(state_dict)
+        if sampler_state is None:
+            raise ConfigError("the checkpoint's training-loader state holds no sampler position; resume from a "
+                              "checkpoint written by this version of iddpm_lightning")
+        super().load_state_dict({})  # a fresh iterator, which draws from the restored sampler
+        self.sampler.load_state_dict(sampler_state)
+
+
 class _BaseDataModule(LightningDataModule):
     """Loader settings shared by all data modules; subclasses implement ``_load_splits``."""
 
@@ -183,7 +211,7 @@ class _BaseDataModule(LightningDataModule):
     def _loader(self, dataset: Optional[Dataset], train: bool, **kwargs) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return (StatefulDataLoader if train else DataLoader)(
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             drop_last=train,

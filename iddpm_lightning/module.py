@@ -35,7 +35,7 @@ UnitIntervalOpenRight = restricted_number_type("UnitIntervalOpenRight", float, [
 # Precisions that convert the whole module, weights and EMA included, to a 16-bit dtype:
 # an EMA step of (1 - 0.9999)·(θ - ema) is below bfloat16's resolution, so the average
 # would never move, and AdamW's small updates round away the same way.
-HALF_TRUE_PRECISIONS = ("bf16-true", "16-true", "bf16", "16", "half")
+HALF_TRUE_PRECISIONS = ("bf16-true", "16-true")
 
 
 def plain(value):
@@ -222,8 +222,10 @@ class IDDPM(LightningModule):
     # ------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Every value in a checkpoint (callback states, data module settings) in plain types."""
+        """Every value in a checkpoint (callback states, data module settings) in plain types,
+        and the seed that keys every random stream, so that a resume continues with it."""
         plain(checkpoint)
+        checkpoint["seed"] = self._seed()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model before its weights meet a size mismatch."""

@@ -47,13 +47,14 @@ def build_unet(
             f"model.attention_resolutions {list(attention_resolutions)} names {stray}, which no level of this UNet "
             f"works at (its levels are at {resolutions} pixels); use some of {resolutions}, or [] for none"
         )
-    # the middle block (at the last level's width) always has attention
-    bad = [c for i, (c, r) in enumerate(zip(block_out_channels, resolutions))
-           if (r in attention_resolutions or i == levels - 1) and c % attention_head_dim]
-    if bad:
+    # diffusers gives a level channels // attention_head_dim heads; the middle block (at the last
+    # level's width) always has attention
+    headless = [c for i, (c, r) in enumerate(zip(block_out_channels, resolutions))
+                if (r in attention_resolutions or i == levels - 1) and c < attention_head_dim]
+    if headless:
         raise ConfigError(
-            f"model.attention_head_dim={attention_head_dim} (channels per head) must divide the channels of every "
-            f"level with attention and of the middle block, but not {bad}; choose a divisor such as 32"
+            f"model.attention_head_dim={attention_head_dim} (channels per head) exceeds the {headless} channels of "
+            f"a level with attention or of the middle block, which would get no head; use at most {min(headless)}"
         )
     attention = [r in attention_resolutions for r in resolutions]
     return UNet2DModel(

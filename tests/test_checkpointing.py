@@ -66,6 +66,20 @@ def test_the_cli_makes_every_save_durable_whatever_the_plugins(tmp_path):
     assert type(env).__name__ == "LightningEnvironment"  # the plugin was applied too
 
 
+def test_an_asynchronous_checkpoint_io_writes_durably_in_its_thread(tmp_path):
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from iddpm_lightning.cli import IDDPMCLI
+
+    args = ["--config", str(REPO / "configs" / "digits.yaml"), *TINY, f"--run_dir={tmp_path / 'run'}",
+            "--trainer.plugins=lightning.pytorch.plugins.io.AsyncCheckpointIO"]
+    io = IDDPMCLI(args=args, run=False).trainer.strategy.checkpoint_io
+    assert isinstance(io, AsyncCheckpointIO) and isinstance(io.checkpoint_io, DurableCheckpointIO)
+    io.save_checkpoint({"step": torch.tensor(3)}, tmp_path / "last.ckpt")
+    io.teardown()  # waits for the thread
+    assert load(tmp_path / "last.ckpt")["step"] == 3 and not (tmp_path / "last.ckpt.tmp").exists()
+
+
 def test_ckpt_path_last_is_the_newest_whole_save(tmp_path):
     """last.ckpt, unless a kill between the two files of one save left a newer step file, or
     last.ckpt itself is unreadable (written by something else than this template)."""

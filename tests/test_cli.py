@@ -41,7 +41,8 @@ def test_fit_resume_test(tmp_path, digits_config):
     # Resume continues the same run: global step, optimizer and EMA counter carry on.
     # A --model.* override is not applied on resume, and says so by name (runtime settings apply silently).
     resumed = run_cli("fit", *args, "--trainer.max_steps=6", "--ckpt_path=last", "--model.lr=0.5",
-                      "--model.bpd_batch_size=7", cwd=tmp_path)
+                      "--model.bpd_batch_size=7", "--seed_everything=7", cwd=tmp_path)
+    assert "continues the run with the checkpoint's seed_everything=0; the configured 7 is NOT used" in resumed.stderr
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
     assert "these configured values are NOT used: model.lr=0.5 (the checkpoint's: 0.0002)" in resumed.stderr
     assert "bpd_batch_size=7" not in resumed.stderr

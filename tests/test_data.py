@@ -331,21 +331,22 @@ def keys_of(loader, epochs, stop_after=None):
     return out
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers, resumed_workers", [(0, 0), (2, 2), (0, 2), (2, 0)])
 @pytest.mark.parametrize("stop_after", [3, 7, 8, 13])  # 4 batches an epoch: mid-epoch, last batch, next
-def test_train_loader_state_resumes_exactly_in_any_epoch(num_workers, stop_after):
+def test_train_loader_state_resumes_exactly_in_any_epoch(num_workers, resumed_workers, stop_after):
     """A loader restored from its state_dict continues with the batch the uninterrupted loader
     would have drawn, in the saved epoch, with or without workers; a finished epoch resumes
-    at the start of the next. Lightning creates the iterator BEFORE it calls set_epoch."""
+    at the start of the next, also with another number of workers. Lightning creates the
+    iterator BEFORE it calls set_epoch."""
     images = torch.arange(18, dtype=torch.uint8).view(18, 1, 1, 1)
-    make = lambda: _loader(images, num_workers)
+    make = lambda workers=num_workers: _loader(images, workers)
     straight = keys_of(make(), range(4))
     assert len(straight) == 16 and len({v for b in straight[:4] for v in b}) == 16  # 2 images dropped per epoch
 
     first = make()
     seen = keys_of(first, range(4), stop_after=stop_after)
     state = first.state_dict()
-    resumed = make()
+    resumed = make(resumed_workers)
     resumed.load_state_dict(state)
     iterator = iter(resumed)  # as Lightning on a restart: the iterator first, then set_epoch
     epoch = stop_after // 4

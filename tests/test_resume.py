@@ -72,13 +72,14 @@ def straight(tmp_path_factory):
     return cwd / "run"
 
 
-@pytest.mark.parametrize("stop, workers", [(13, 0), (15, 2)])  # epoch 2: its 3rd batch | its last batch
-def test_resume_after_max_steps_in_a_later_epoch(straight, tmp_path, stop, workers):
-    """(The second case also shows that loader workers change no batch: the straight run has none.)"""
+@pytest.mark.parametrize("stop, before, after", [(13, 0, 2), (15, 2, 0)])  # epoch 2: 3rd batch | last batch
+def test_resume_after_max_steps_in_a_later_epoch(straight, tmp_path, stop, before, after):
+    """Loader workers change no batch (the straight run has none), also when their number
+    changes at the resume."""
     run = tmp_path / "run"
-    fit(run, f"--trainer.max_steps={stop}", f"--data.num_workers={workers}", cwd=tmp_path)
+    fit(run, f"--trainer.max_steps={stop}", f"--data.num_workers={before}", cwd=tmp_path)
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == stop
-    fit(run, f"--trainer.max_steps={STEPS}", f"--data.num_workers={workers}", "--ckpt_path=last", cwd=tmp_path)
+    fit(run, f"--trainer.max_steps={STEPS}", f"--data.num_workers={after}", "--ckpt_path=last", cwd=tmp_path)
     assert_same_run(straight, run)
 
 

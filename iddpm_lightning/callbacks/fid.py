@@ -415,7 +415,7 @@ class FID(Callback):
         try:
             torch.save({**states, "key": key}, tmp)
             replace_durably(tmp, path)  # an interrupted run leaves no half-written cache
-        except OSError as err:
+        except Exception as err:  # a full disk is a RuntimeError from torch.save: warn, as on rank 0 alone
             tmp.unlink(missing_ok=True)
             rank_zero_warn(f"FID: could not write the reference statistics cache {path} ({err}); "
                            "set the FID callback's cache_dir to a writable folder to reuse them")
