@@ -43,6 +43,29 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True,
 
 
 @pytest.fixture
+def run_main(capsys, monkeypatch):
+    """``run_main(args, cwd)``: the CLI's ``main(args)`` in-process (the command's code path without
+    a new interpreter's start-up), for errors raised before anything is built. Returns the exit
+    status and stderr."""
+    import logging
+
+    from iddpm_lightning.cli import main
+
+    def run(args, cwd: Path) -> tuple[int, str]:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything writes it; undone after the test
+        for handler in logging.getLogger("lightning").handlers + logging.getLogger("lightning.pytorch").handlers:
+            if isinstance(handler, logging.StreamHandler):  # bound to an earlier test's captured stream
+                monkeypatch.setattr(handler, "stream", sys.stderr)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(list(args))
+        return exit_.value.code, capsys.readouterr().err
+
+    return run
+
+
+@pytest.fixture
 def digits_config() -> str:
     return str(REPO / "configs" / "digits.yaml")
 

@@ -5,8 +5,6 @@ callers (ConfigError). The CLI cases run the CLI's main() in-process."""
 from __future__ import annotations
 
 import inspect
-import logging
-import sys
 import time
 from typing import Literal, Union, get_type_hints
 
@@ -49,25 +47,16 @@ trainer:
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
-def test_bad_callback_setting_fails_at_parse_time_naming_it(tmp_path, digits_config, case, capsys, monkeypatch):
+def test_bad_callback_setting_fails_at_parse_time_naming_it(tmp_path, digits_config, case, run_main):
     """Through the CLI's main() in-process: the same code path as the command, in about a second."""
-    from iddpm_lightning.cli import main
-
     extra, setting = CLI_CASES[case]
     (tmp_path / "grid.yaml").write_text(GRID_YAML)
     run = tmp_path / "run"
     args = ["fit", "--config", digits_config, f"--run_dir={run}", *(a.replace("{tmp}", str(tmp_path)) for a in extra)]
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything writes it; undone after the test
-    for handler in logging.getLogger("lightning").handlers + logging.getLogger("lightning.pytorch").handlers:
-        if isinstance(handler, logging.StreamHandler):  # bound to an earlier test's captured stream
-            monkeypatch.setattr(handler, "stream", sys.stderr)
     start = time.monotonic()
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    err = capsys.readouterr().err
+    code, err = run_main(args, cwd=tmp_path)
     assert time.monotonic() - start < 30
-    assert exit_.value.code == 2
+    assert code == 2
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]  # one line, at parse time
     assert setting in line and ("Not of type" in line or "Expected a typing.Literal" in line), line
     assert "Traceback" not in err and "usage:" not in err, err[-3000:]

@@ -3,10 +3,8 @@ and nothing already written (checkpoints, logs) touched. Each case runs the real
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
-import sys
 import time
 
 import numpy as np
@@ -122,24 +120,15 @@ PARSE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(PARSE_CASES))
-def test_a_bad_setting_is_refused_in_one_line_before_anything_is_built(workspace, case, capsys, monkeypatch):
-    from iddpm_lightning.cli import main
-
+def test_a_bad_setting_is_refused_in_one_line_before_anything_is_built(workspace, case, run_main):
     args, needle = PARSE_CASES[case]
     args = [a.replace("{ws}", str(workspace)) for a in args]
     if "--run_dir" not in " ".join(args):
         args.append(f"--run_dir={workspace / 'fresh'}")
-    monkeypatch.chdir(workspace)
-    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything writes it; undone after the test
-    for handler in logging.getLogger("lightning").handlers + logging.getLogger("lightning.pytorch").handlers:
-        if isinstance(handler, logging.StreamHandler):  # bound to an earlier test's captured stream
-            monkeypatch.setattr(handler, "stream", sys.stderr)
     before = snapshot(workspace)
     start = time.monotonic()
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2
+    code, err = run_main(args, cwd=workspace)
+    assert code == 2
     assert time.monotonic() - start < 30
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], err[-3000:]
