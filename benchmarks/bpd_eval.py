@@ -64,7 +64,7 @@ def main() -> None:
         if name == "plain loop":
             return timed(lambda: plain_bpd_loop(model, x, g), device)
         fn = model.model_fn(model.eval_unet)
-        return timed(lambda: model.diffusion.calc_bpd_loop(fn, x, generator=g, max_batch=model.hparams.bpd_batch_size)
+        return timed(lambda: model.diffusion.calc_bpd_loop(fn, x, generator=g, max_batch=model.bpd_batch_size)
                      ["total_bpd"], device)
 
     times, totals = {}, {}
@@ -84,10 +84,10 @@ def main() -> None:
     diffs = {k: abs(v - totals[f"plain loop @ {k.rsplit('@ ', 1)[1]}"]) for k, v in totals.items()}
     hp = base.hparams
     config = {"config": args.config, "timesteps": hp.timesteps, "image": [hp.in_channels, hp.image_size, hp.image_size],
-              "bpd_batch_size": hp.bpd_batch_size, "images": args.images, "rounds": args.rounds,
+              "bpd_batch_size": base.bpd_batch_size, "images": args.images, "rounds": args.rounds,
               "parameters": sum(p.numel() for p in base.unet.parameters()), "device": str(device)}
     print(f"T = {hp.timesteps}, {config['parameters'] / 1e6:.1f}M-parameter UNet, "
-          f"images {hp.in_channels}x{hp.image_size}x{hp.image_size}, bpd_batch_size {hp.bpd_batch_size}")
+          f"images {hp.in_channels}x{hp.image_size}x{hp.image_size}, bpd_batch_size {base.bpd_batch_size}")
     for n in args.images:
         rows = {k: v for k, v in times.items() if k.endswith(f"@ {n}")}
         report(f"bpd_eval_{n}", config, rows, f"plain loop @ {n}",

@@ -9,7 +9,11 @@ an optimizer-step boundary, and a clear error for a checkpoint that cannot be us
   ``last.ckpt``, stop, the same on every rank. A second Ctrl-C aborts at once. It also
   saves ``last.ckpt`` when training ends between two periodic checkpoints.
 - ``read_checkpoint`` loads with ``weights_only=True`` (no code in a checkpoint runs) and
-  turns an unreadable file into one sentence.
+  turns an unreadable file into one sentence; ``latest_checkpoint`` finds the newest one.
+
+``GracefulStop`` reads three Lightning internals, named where used, because no public API
+says them: whether this batch is the epoch's last, and which step ``ModelCheckpoint`` saved
+last (``_last_global_step_saved``, ``_last_checkpoint_saved``). Checked on Lightning 2.6.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 
 from .errors import ConfigError, StopRequested
 
@@ -199,3 +204,24 @@ def unreadable_checkpoint(path: str | Path, e: BaseException) -> ConfigError:
         f"ckpt_path {path} cannot be loaded as a checkpoint (corrupt, truncated, or holding objects other than "
         f"tensors and plain data, which are refused so that no code in it runs: {reason}); use another checkpoint"
     )
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint of the highest step in ``folder``: ``last.ckpt``, or a periodic
+    ``step=N.ckpt`` that is newer (a kill between the two writes of one save leaves the step
+    file ahead). last.ckpt's step is read memory-mapped, without loading its tensors."""
+    last = folder / "last.ckpt"
+    steps = {int(p.stem.split("=", 1)[1]): p for p in folder.glob("step=*.ckpt") if p.stem.split("=", 1)[1].isdigit()}
+    last_step = -1
+    if last.is_file():
+        try:
+            last_step = read_checkpoint(last, mmap=True).get("global_step", -1)
+        except ConfigError:
+            if not steps:
+                raise
+            rank_zero_info(f"{last} cannot be read; resuming from the newest periodic checkpoint instead")
+            last = folder / "missing"
+    best = max(steps, default=-1)
+    if best > last_step:
+        return steps[best]
+    return last if last.is_file() else None

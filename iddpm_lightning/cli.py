@@ -22,10 +22,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from .callbacks.writer import SampleWriter
-from .checkpointing import DurableCheckpointIO, GracefulStop, read_checkpoint, unreadable_checkpoint
+from .callbacks import BpdReport, NonFiniteGuard, SampleWriter
+from .checkpointing import DurableCheckpointIO, GracefulStop, latest_checkpoint, read_checkpoint
+from .compat import check_compatible, plain, require_current_layout
 from .errors import ConfigError, NonFiniteLossError, StopRequested
-from .module import IDDPM, RUNTIME, check_compatible, check_precision, plain
+from .rng import check_seed, stream_seed
+from .module import IDDPM, RUNTIME
+from .sampling import Sampling
+from .settings import check_precision
 
 
 class ConciseParser(LightningArgumentParser):
@@ -80,6 +84,9 @@ def check_trainer_settings(trainer: dict) -> None:
 
 
 class IDDPMCLI(LightningCLI):
+    """LightningCLI with a fixed run directory, the data's shape and the seed linked into the
+    model, and what the stock CLI lacks around ``--ckpt_path`` (see ``parse_arguments``)."""
+
     def __init__(self, args=None, run: bool = True):
         super().__init__(
             IDDPM,
@@ -102,35 +109,30 @@ class IDDPMCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        # One seed keys every random stream: the model's (t, ε, dropout) and the data order's.
+        parser.link_arguments("seed_everything", "model.seed", compute_fn=stream_seed)
+        parser.link_arguments("seed_everything", "data.init_args.seed", compute_fn=stream_seed)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(SampleWriter, "sampling")
+        parser.add_class_arguments(Sampling, "sampling")  # predict's data
         # Periodic checkpoints named step=N.ckpt, all kept (save_top_k=-1), beside last.ckpt.
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000,
                              "checkpoint.filename": "{step}", "checkpoint.save_top_k": -1})
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then check what the stock ``--ckpt_path`` handling (which rebuilds the model from
+        the checkpoint's hyperparameters next) does not: ``last`` is this run's newest checkpoint; a
+        missing, corrupt or unsafe file is one clear error; test and predict need one; ``fit``
+        continues with the checkpoint's seed; every configured model value the checkpoint
+        overrides is named."""
         super().parse_arguments(parser, args)
-        config = self.config.get(self.config.get("subcommand")) or self.config
-        seed = config.get("seed_everything")
-        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= 2**32 - 1:
-            raise ConfigError(f"seed_everything={seed} must be in [0, {2**32 - 1}] (numpy's seeds), or true for "
-                              f"a random seed; set a non-negative seed")
-
-    # --------------------------------------------------- run dir and checkpoints
-
-    def _run_dir(self) -> Path:
-        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
-        return Path(config.run_dir)
-
-    def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` before anything is built: ``last`` becomes the run's
-        last.ckpt (so the model is rebuilt from its hyperparameters, as for a path); a
-        missing, corrupt or unsafe file is one clear error; test and predict need one."""
-        self._ckpt_hparams = {}
         sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        check_seed(cfg.get("seed_everything"))
+        if cfg.get("seed_everything") is True:  # a random seed, drawn once (in the link) for every stream
+            cfg.seed_everything = cfg.model.seed
+        self._ckpt_hparams = {}
         if not sub:
             return
-        cfg = self.config[sub]
         if cfg.get("ckpt_path") is None and sub in ("test", "predict"):
             raise ConfigError(
                 f"{sub} needs a trained model: pass --ckpt_path (e.g. {cfg.run_dir}/checkpoints/last.ckpt); "
@@ -142,30 +144,19 @@ class IDDPMCLI(LightningCLI):
                 cfg.ckpt_path = str(latest)
                 rank_zero_info(f"Resuming from {latest}")
         path = cfg.get("ckpt_path")
-        if path and path not in ("last", "best", "hpc", "registry"):
-            checkpoint = read_checkpoint(path, mmap=True)
-            hparams = checkpoint.get("hyper_parameters", {})
-            seed = checkpoint.get("seed")
-            if sub == "fit" and seed is not None and cfg.get("seed_everything") != seed:
-                # Every random stream is keyed by the seed: another one would resume on other data orders and noise.
-                print(f"warning: --ckpt_path continues the run with the checkpoint's seed_everything={seed}; the "
-                      f"configured {cfg.get('seed_everything')!r} is NOT used", file=sys.stderr)
-                cfg.seed_everything = seed
-            for key in ("_instantiator", *RUNTIME):
-                hparams.pop(key, None)
-            if hparams:
-                self._ckpt_hparams = dict(hparams)
-                _warn_unused_model_settings(cfg.get("model"), hparams)
-                try:
-                    self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-                except (SystemExit, Exception) as e:
-                    raise unreadable_checkpoint(path, e) from None
-
-    def after_instantiate_classes(self) -> None:
-        # The data links in_channels, image_size and num_classes into the model: a checkpoint
-        # trained on other data is refused here, before anything is written.
-        check_compatible(self._ckpt_hparams, self.model.hparams)
-        check_precision(self.trainer.precision)
+        if not path or path in ("last", "best", "hpc", "registry"):
+            return
+        hparams = dict(read_checkpoint(path, mmap=True).get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        require_current_layout(path, hparams)
+        seed = hparams.get("seed")
+        if sub == "fit" and seed is not None and cfg.seed_everything != seed:
+            # Every random stream is keyed by the seed: another one would resume on other data orders and noise.
+            print(f"warning: --ckpt_path continues the run with the checkpoint's seed_everything={seed}; the "
+                  f"configured {cfg.seed_everything!r} is NOT used", file=sys.stderr)
+            cfg.seed_everything = seed
+        self._ckpt_hparams = hparams
+        _warn_unused_model_settings(cfg.get("model"), hparams)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -177,21 +168,30 @@ class IDDPMCLI(LightningCLI):
         existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
         if not os.access(existing, os.W_OK):
             raise ConfigError(f"run_dir={run_dir} cannot be written ({existing} is read-only); give a writable folder")
-        if self.subcommand != "fit":
-            return
-        cfg = self.config.fit
-        last = self._run_dir() / "checkpoints" / "last.ckpt"
-        if cfg.ckpt_path is None and last.exists():
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if self.subcommand == "fit" and config.ckpt_path is None and last.exists():
             raise ConfigError(
-                f"run_dir {self._run_dir()} already holds a run ({last}); resume it with "
+                f"run_dir {run_dir} already holds a run ({last}); resume it with "
                 f"--ckpt_path last, or start a new run with another --run_dir"
             )
+
+    def after_instantiate_classes(self) -> None:
+        # The data links in_channels, image_size and num_classes into the model: a checkpoint
+        # trained on other data is refused here, before anything is written.
+        check_compatible(self._ckpt_hparams, self.model.hparams)
+        check_precision(self.trainer.precision)
+        sampling = self._get(self.config_init, "sampling")
+        if self.subcommand == "predict" and sampling.sample_steps is not None:
+            self.model.respaced(sampling.sample_steps)  # a respacing T cannot meet fails before anything is written
 
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        callbacks = [*callbacks, GracefulStop()]
+        # Always on: the step-boundary stop on SIGTERM, the NaN guard (fit) and the test report.
+        callbacks = [*callbacks, GracefulStop(), NonFiniteGuard(), BpdReport()]
+        if self.subcommand == "predict":
+            callbacks.append(SampleWriter(self._get(self.config_init, "sampling").out_dir))
         if trainer_cfg.get("logger") in (None, True):
             # Fixed name and version: logs and checkpoints/ live directly in run_dir.
             kwargs["logger"] = TensorBoardLogger(save_dir=str(self._run_dir()), name="", version="")
@@ -209,10 +209,9 @@ class IDDPMCLI(LightningCLI):
             trainer.strategy.checkpoint_io = DurableCheckpointIO(io)
         return trainer
 
-    def before_predict(self) -> None:
-        # predict draws samples: its "data" are the sample indices the module's
-        # predict_dataloader yields, not the data module's images.
-        self.datamodule = None
+    def _run_dir(self) -> Path:
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        return Path(config.run_dir)
 
     def before_fit(self) -> None:
         t, dm = self.trainer, self.datamodule
@@ -221,6 +220,10 @@ class IDDPMCLI(LightningCLI):
                        f"optimizer step = data.batch_size {dm.batch_size} x {t.num_devices} device(s) x "
                        f"{t.num_nodes} node(s) x accumulate_grad_batches {t.accumulate_grad_batches}")
 
+    def before_predict(self) -> None:
+        # predict's data are the samples to draw (sampling.*), not the data module's images.
+        self.datamodule = self._get(self.config_init, "sampling")
+
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and self.trainer.is_global_zero:
@@ -228,38 +231,26 @@ class IDDPMCLI(LightningCLI):
             print(f"Last checkpoint: {ckpt.last_model_path or '(none written)'}")
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint of the highest step in ``folder``: ``last.ckpt``, or a periodic
-    ``step=N.ckpt`` that is newer (a kill between the two writes of one save leaves the step
-    file ahead). last.ckpt's step is read memory-mapped, without loading its tensors."""
-    last = folder / "last.ckpt"
-    steps = {int(p.stem.split("=", 1)[1]): p for p in folder.glob("step=*.ckpt") if p.stem.split("=", 1)[1].isdigit()}
-    last_step = -1
-    if last.is_file():
-        try:
-            last_step = read_checkpoint(last, mmap=True).get("global_step", -1)
-        except ConfigError:
-            if not steps:
-                raise
-            rank_zero_info(f"{last} cannot be read; resuming from the newest periodic checkpoint instead")
-            last = folder / "missing"
-    best = max(steps, default=-1)
-    if best > last_step:
-        return steps[best]
-    return last if last.is_file() else None
-
-
 def _warn_unused_model_settings(configured, saved: dict) -> None:
     """Name every model setting of the config or command line that ``--ckpt_path`` overrides
     with the checkpoint's value (all but the runtime ones), so that none is dropped silently."""
-    linked = ("image_size", "in_channels", "num_classes")  # follow the data; check_compatible checks them
-    configured = dict(configured or {})
-    differ = [f"model.{k}={configured[k]!r} (the checkpoint's: {v!r})" for k, v in saved.items()
+    # the data's shape (check_compatible checks it) and the seed (fit says so) are not the config's to set
+    linked = ("image_size", "in_channels", "num_classes", "seed")
+    configured = _flat(configured.as_dict() if configured is not None else {})
+    differ = [f"model.{k}={configured[k]!r} (the checkpoint's: {v!r})" for k, v in _flat(saved).items()
               if k in configured and k not in linked and plain(configured[k]) != plain(v)]
     if differ:
         print(f"warning: --ckpt_path rebuilds the model from the checkpoint's settings, so these configured values "
               f"are NOT used: {', '.join(differ)}; only {', '.join('model.' + k for k in RUNTIME)} come from the "
               f"config and command line", file=sys.stderr)
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """``{"unet": {"dropout": 0.1}}`` as ``{"unet.dropout": 0.1}``."""
+    flat = {}
+    for k, v in settings.items():
+        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
 
 
 def _config_error(e: BaseException) -> ConfigError | None:

@@ -1,22 +1,28 @@
 """LightningDataModules: scikit-learn digits (embedded), CIFAR-10 and an image folder.
 
+(Over 300 lines because it holds the three data modules and their shared base, each with
+the checks that make a bad path or size one sentence before training; the exact-resume
+sampler and loader live in loaders.py.)
+
 Every module yields batches ``(x, y)``: ``x`` is float32 ``[N, C, H, W]`` in [-1, 1]
 (an 8-bit value ``u`` becomes ``u / 127.5 - 1``) and ``y`` holds int64 class labels
 (all 0 when the data has none). The training loader shuffles and drops the last partial
 batch; validation and test loaders do neither. The training order and its random flips are
-drawn by ``EpochShuffleSampler`` from (seed, epoch) alone, and the loader is torchdata's
+drawn by ``EpochShuffleSampler`` from (``seed``, epoch) alone, and the loader is torchdata's
 ``StatefulDataLoader``, whose position Lightning saves in every checkpoint: a run resumed
 at any step, in any epoch and with any ``num_workers``, continues with exactly the batches
 the uninterrupted run would have drawn. ``image_size``, ``channels`` and
 ``num_classes`` (0 when unlabeled) are set in ``__init__`` so the CLI can link them
 into the model before ``setup`` runs. Cheap checks (paths, empty folders) run in
-``__init__``; reading and validating the data runs in ``setup``.
+``__init__``; reading and validating the data runs in ``setup``. ``reference(split)`` gives a
+split and what it depends on, for statistics cached on disk (FID's reference).
 """
 
+import hashlib
 import os
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,19 +30,16 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch import Tensor
-from jsonargparse.typing import NonNegativeInt, PositiveInt
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
 from iddpm_lightning.errors import ConfigError
-from iddpm_lightning.rng import derive_seed
+from iddpm_lightning.loaders import EpochShuffleSampler, Key, ResumableLoader, unpack
+from iddpm_lightning.settings import NonNegativeInt, PositiveInt, check_args
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # matched case-insensitively
 
-# torchdata 0.11 calls a torch API that torch 2.14 deprecates, once per loader: noise only.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 
 def to_model_range(u8: Tensor, flip: bool = False) -> Tensor:
@@ -53,14 +56,6 @@ def _split(n: int, held_out: Sequence[int], seed: int) -> list[Tensor]:
     return [p.sort().values for p in parts]
 
 
-# A dataset key: an index, or (index, flip) from a sampler that draws random flips.
-Key = Union[int, tuple[int, bool]]
-
-
-def _unpack(key: Key) -> tuple[int, bool]:
-    return key if isinstance(key, tuple) else (key, False)
-
-
 class _U8Images(Dataset):
     """In-memory uint8 images ``[N, C, H, W]`` with int64 labels ``[N]``; ``dataset[(i, True)]`` is mirrored."""
 
@@ -71,98 +66,28 @@ class _U8Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, key: Key) -> tuple[Tensor, Tensor]:
-        i, flip = _unpack(key)
+        i, flip = unpack(key)
         return to_model_range(self.images[i], flip), self.labels[i]
 
 
-class EpochShuffleSampler(DistributedSampler):
-    """This rank's share of a fresh permutation every epoch, drawn from (seed, epoch) alone, and
-    optionally a fair coin per image for a left-right flip (the keys are then ``(index, flip)``).
+@dataclass
+class Reference:
+    """A split as statistics of the data (FID's reference) are computed from it."""
 
-    Everything random about the training data lives here, in the main process, so worker
-    processes draw nothing and ``num_workers`` changes no batch. Like torch's
-    DistributedSampler (which it is, so Lightning keeps it under DDP) it gives each of the
-    ``num_replicas`` ranks ⌊N / num_replicas⌋ images of the permutation, rank r taking
-    positions r, r + num_replicas, ...; of these it yields whole batches of ``batch_size``
-    only (the loader's drop_last), so that the epoch ends exactly at its last batch.
-
-    Its state (``state_dict``: epoch and images already yielded) is saved by
-    ``StatefulDataLoader`` with the loader's position. A finished epoch is saved as the
-    start of the next one: on a restart Lightning re-creates the iterator from the saved
-    state before it calls ``set_epoch``, and with workers the first indices are drawn then.
-    ``__iter__`` is a generator, so nothing is drawn before the first index is asked for.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, batch_size: int = 1, num_replicas: int = 1, rank: int = 0,
-                 random_flip: bool = False) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.num_samples -= self.num_samples % batch_size  # whole batches only
-        self.random_flip = random_flip
-        self.yielded = 0
-        self._resume_at = 0
-
-    def order(self, epoch: int) -> list[Key]:
-        """This rank's keys of ``epoch``, in order."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-        perm = torch.randperm(len(self.dataset), generator=g)  # (N,)
-        flips = torch.rand(len(self.dataset), generator=g) < 0.5  # (N,), one coin per position
-        mine = slice(self.rank, self.num_replicas * self.num_samples, self.num_replicas)
-        if not self.random_flip:
-            return perm[mine].tolist()
-        return list(zip(perm[mine].tolist(), flips[mine].tolist()))
-
-    def __iter__(self) -> Iterator[Key]:
-        start, self._resume_at = self._resume_at, 0
-        keys = self.order(self.epoch)
-        self.yielded = start
-        for key in keys[start:]:
-            self.yielded += 1
-            yield key
-
-    def state_dict(self) -> dict[str, int]:
-        if self.yielded >= self.num_samples:
-            return {"epoch": self.epoch + 1, "yielded": 0}
-        return {"epoch": self.epoch, "yielded": self.yielded}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.yielded, self._resume_at = int(state["epoch"]), int(state["yielded"]), int(state["yielded"])
-
-
-def _find_sampler_state(state: Any) -> Optional[dict]:
-    """The EpochShuffleSampler state ({epoch, yielded}) inside a StatefulDataLoader state, whose
-    layout depends on the number of workers that saved it."""
-    if isinstance(state, dict):
-        if "sampler_state" in state and isinstance(state["sampler_state"], dict) and "epoch" in state["sampler_state"]:
-            return state["sampler_state"]
-        for value in state.values():
-            found = _find_sampler_state(value)
-            if found is not None:
-                return found
-    return None
-
-
-class ResumableLoader(StatefulDataLoader):
-    """torchdata's StatefulDataLoader, which Lightning checkpoints, restored through its sampler
-    alone: the datasets are deterministic, so the sampler's (epoch, position) is the whole state,
-    and a run saved with one ``num_workers`` resumes exactly with another (torchdata's own
-    restore requires the same worker count)."""
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sampler_state = _find_sampler_state(state_dict)
-        if sampler_state is None:
-            raise ConfigError("the checkpoint's training-loader state holds no sampler position; resume from a "
-                              "checkpoint written by this version of iddpm_lightning")
-        super().load_state_dict({})  # a fresh iterator, which draws from the restored sampler
-        self.sampler.load_state_dict(sampler_state)
+    dataset: Dataset  # (x, y) pairs, never flipped
+    key: dict  # what the statistics depend on: the data module, its data settings, the split
+    root: Optional[str]  # the folder the data is read from (None: embedded data)
 
 
 class _BaseDataModule(LightningDataModule):
-    """Loader settings shared by all data modules; subclasses implement ``_load_splits``."""
+    """Loader settings shared by all data modules; subclasses implement ``_load_splits`` and
+    ``identity``."""
 
     image_size: int
     channels: int
     num_classes: int
     random_flip: bool = False  # training images only; drawn by the sampler
+    root: Optional[str] = None  # the folder the data is read from, if any
 
     def __init__(
         self,
@@ -170,6 +95,7 @@ class _BaseDataModule(LightningDataModule):
         num_workers: NonNegativeInt = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        seed: NonNegativeInt = 0,
     ) -> None:
         """
         Args:
@@ -179,12 +105,11 @@ class _BaseDataModule(LightningDataModule):
                 Changes no batch: the order and flips are drawn in the main process.
             pin_memory: Copy batches into page-locked memory (faster host-to-GPU transfer).
             persistent_workers: Keep workers alive between epochs; only effective when num_workers > 0.
+            seed: Seed of the training order and flips; the CLI sets it from seed_everything.
         """
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be at least 1; set a positive per-device batch size.")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers} must be 0 or more; set it to 0 to load in the main process.")
+        check_args("data.", _BaseDataModule.__init__, {k: v for k, v in locals().items() if k != "self"})
+        self.seed = seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.train_set: Optional[Dataset] = None
@@ -194,6 +119,23 @@ class _BaseDataModule(LightningDataModule):
     def _load_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         """Return the (train, val, test) datasets."""
         raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define the data (not how it is loaded), for cache keys."""
+        raise NotImplementedError
+
+    def reference(self, split: str) -> Reference:
+        """The ``train`` or ``val`` split (after ``setup``) and what statistics of it depend on:
+        the data module's class, ``identity()``, the split, its length and image shape, and the
+        file list of a dataset of files."""
+        dataset = {"train": self.train_set, "val": self.val_set}[split]
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a reference split")
+        key = {"datamodule": f"{type(self).__module__}.{type(self).__qualname__}", **self.identity(), "split": split,
+               "length": len(dataset), "image_shape": [self.channels, self.image_size, self.image_size]}
+        if isinstance(dataset, _ImageFiles):
+            key["files_sha256"] = hashlib.sha256("\n".join(map(str, dataset.files)).encode()).hexdigest()
+        return Reference(dataset, key, self.root)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is None:
@@ -225,9 +167,8 @@ class _BaseDataModule(LightningDataModule):
         """This rank's share, shuffled by epoch from the run's seed. A ``StatefulDataLoader``:
         Lightning saves its position (and the sampler's epoch) in every checkpoint and restores
         it on resume, so the run continues with the next batch the uninterrupted run would draw."""
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        sampler = EpochShuffleSampler(self.train_set, seed, self.batch_size, num_replicas=world, rank=rank,
+        sampler = EpochShuffleSampler(self.train_set, self.seed, self.batch_size, num_replicas=world, rank=rank,
                                       random_flip=self.random_flip)
         return self._loader(self.train_set, train=True, sampler=sampler)
 
@@ -243,11 +184,6 @@ class _BaseDataModule(LightningDataModule):
                 self.test_set, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
         return self._loader(self.test_set, train=False, sampler=sampler)
-
-
-def _check_held_out(name: str, size: int, minimum: int) -> None:
-    if size < minimum:
-        raise ConfigError(f"data.{name}={size} must be at least {minimum}; set data.{name} to {minimum} or more.")
 
 
 # ----------------------------------------------------------------------------- digits
@@ -273,8 +209,8 @@ class DigitsDataModule(_BaseDataModule):
             **kwargs: Loader settings: batch_size (per device), num_workers, pin_memory, persistent_workers.
         """
         super().__init__(**kwargs)
-        _check_held_out("val_size", val_size, 1)
-        _check_held_out("test_size", test_size, 1)
+        check_args("data.", DigitsDataModule.__init__, {"val_size": val_size, "test_size": test_size,
+                                                        "split_seed": split_seed})
         if val_size + test_size >= DIGITS_COUNT:
             raise ConfigError(
                 f"data.val_size + data.test_size = {val_size + test_size} leaves no training images of the "
@@ -282,6 +218,9 @@ class DigitsDataModule(_BaseDataModule):
             )
         self.val_size, self.test_size, self.split_seed = val_size, test_size, split_seed
         self.image_size, self.channels, self.num_classes = 8, 1, 10
+
+    def identity(self) -> dict[str, Any]:
+        return {"split_seed": self.split_seed, "val_size": self.val_size, "test_size": self.test_size}
 
     def _load_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         from sklearn.datasets import load_digits
@@ -338,12 +277,17 @@ class CIFAR10DataModule(_BaseDataModule):
             **kwargs: Loader settings: batch_size (per device), num_workers, pin_memory, persistent_workers.
         """
         super().__init__(**kwargs)
-        _check_held_out("val_size", val_size, 1)
+        check_args("data.", CIFAR10DataModule.__init__, {"download": download, "random_flip": random_flip,
+                                                         "val_size": val_size, "split_seed": split_seed})
         self.root, self.download, self.random_flip = root, download, random_flip
         self.val_size, self.split_seed = val_size, split_seed
         self.image_size, self.channels, self.num_classes = 32, 3, 10
         if not download:
             self._require_files()
+
+    def identity(self) -> dict[str, Any]:
+        return {"root": str(Path(self.root).expanduser().resolve()), "split_seed": self.split_seed,
+                "val_size": self.val_size}
 
     def _missing_file(self) -> Optional[Path]:
         folder = Path(self.root).expanduser() / CIFAR10.base_folder
@@ -461,7 +405,7 @@ class _ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, key: Key) -> tuple[Tensor, int]:
-        i, flip = _unpack(key)
+        i, flip = unpack(key)
         with Image.open(self.files[i]) as im:
             arr = resize_center_crop(im.convert("RGB"), self.image_size)
         u8 = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3, H, W)
@@ -505,10 +449,10 @@ class ImageFolderDataModule(_BaseDataModule):
             **kwargs: Loader settings: batch_size (per device), num_workers, pin_memory, persistent_workers.
         """
         super().__init__(**kwargs)
-        if image_size < 1:
-            raise ConfigError(f"data.image_size={image_size} must be at least 1; set a positive size in pixels.")
-        _check_held_out("val_size", val_size, 1)
-        _check_held_out("test_size", test_size, 0)
+        check_args("data.", ImageFolderDataModule.__init__, {
+            "image_size": image_size, "class_cond": class_cond, "val_size": val_size, "test_size": test_size,
+            "random_flip": random_flip, "split_seed": split_seed})
+        self.root, self.test_root = root, test_root
         self.class_cond, self.random_flip, self.split_seed = class_cond, random_flip, split_seed
         self.val_size = val_size
         self.test_size = 0 if test_root else test_size
@@ -528,6 +472,12 @@ class ImageFolderDataModule(_BaseDataModule):
                 f"of the {len(train_files)} under data.root for training; lower data.val_size/data.test_size "
                 "or give data.test_root."
             )
+
+    def identity(self) -> dict[str, Any]:
+        resolve = lambda p: None if p is None else str(Path(p).expanduser().resolve())  # noqa: E731
+        return {"root": resolve(self.root), "test_root": resolve(self.test_root), "image_size": self.image_size,
+                "class_cond": self.class_cond, "split_seed": self.split_seed, "val_size": self.val_size,
+                "test_size": self.test_size}
 
     def _labels(self, files: list[Path], folder: str, setting: str) -> list[int]:
         if not self.class_cond:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpointing import read_checkpoint
+from .compat import upgrade_hparams
 from .diffusion import get_named_beta_schedule
 from .errors import ConfigError
 
@@ -89,7 +90,7 @@ def export_to_diffusers(ckpt_path: str | Path, out_dir: str | Path, use_ema: boo
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler
 
-    from .module import IDDPM, RUNTIME
+    from .module import IDDPM
 
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path {ckpt_path} does not exist; give the path of a .ckpt file, "
@@ -102,8 +103,8 @@ def export_to_diffusers(ckpt_path: str | Path, out_dir: str | Path, use_ema: boo
             f"ckpt_path {ckpt_path} holds no IDDPM hyper_parameters and state_dict; give a checkpoint written by "
             f"'python -m iddpm_lightning fit' (e.g. RUN_DIR/checkpoints/last.ckpt)"
         )
-    for key in ("_instantiator", *RUNTIME):  # how the model ran, not what it is: defaults
-        hparams.pop(key, None)
+    hparams.pop("_instantiator", None)
+    hparams = upgrade_hparams(hparams)  # a checkpoint of iddpm_lightning 0.1 too
     if hparams.get("class_cond"):
         raise ConfigError(
             f"ckpt_path {ckpt_path} is a class-conditional model (model.class_cond: true), which diffusers' "

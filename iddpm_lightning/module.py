@@ -1,112 +1,57 @@
 """IDDPM: a thin LightningModule over a diffusers UNet and ``GaussianDiffusion``.
+(About 300 lines, half of them the docstrings of its settings and steps.)
 
-Training draws ``(t, weights)`` from ``self.timestep_sampler`` (uniform unless a callback,
-such as the importance sampler, installs another one), computes the per-sample terms of
-``GaussianDiffusion.training_losses`` and minimises mean(weights · loss). An exponential
-moving average of the UNet (``ema_unet``) is kept in the module, so it is checkpointed with
-it; validation, test and sampling use it unless ``eval_with_ema`` is false.
+One training step: draw ``(t, weights)`` from the module's ``timestep_sampler`` (uniform until
+a callback such as the importance sampler gives it a distribution), compute the per-sample
+terms of ``GaussianDiffusion.training_losses`` and minimise mean(weights · loss); after the
+optimizer step, move the exponential moving average of the UNet (``ema_unet``, part of the
+module, so part of every checkpoint). Validation, test and sampling use the EMA weights unless
+``eval_with_ema`` is false. What is written around the steps lives in callbacks: the test
+report (``callbacks/report.py``), sample grids, FID and bits/dim during validation.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-from pathlib import Path
-from typing import Literal
 
-import numpy as np
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, restricted_number_type
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
+from .compat import check_compatible, plain
 from .diffusion import GaussianDiffusion, get_named_beta_schedule
-from .diffusion.resample import UniformSampler
-from .errors import ConfigError, NonFiniteLossError
-from .rng import derive_seed, seeded_generator
-from .unet import build_unet
+from .diffusion.resample import TimestepSampler, UniformSampler
+from .errors import ConfigError
+from .rng import global_rng_seeded, seeded_generator
+from .sampling import SampleBatch
+from .settings import (LossType, NoiseSchedule, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                       Sampler, SampleSteps, UnitIntervalOpenRight, VarianceType, check_args, check_precision)
+from .unet import UNetConfig, build_unet
 
-__all__ = ["IDDPM", "derive_seed", "seeded_generator"]
+__all__ = ["IDDPM", "RUNTIME"]
 
-# [0, 1): a dropout of 1 zeroes every activation, an EMA decay of 1 never moves.
-UnitIntervalOpenRight = restricted_number_type("UnitIntervalOpenRight", float, [(">=", 0), ("<", 1)])
-
-# Precisions that convert the whole module, weights and EMA included, to a 16-bit dtype:
-# an EMA step of (1 - 0.9999)·(θ - ema) is below bfloat16's resolution, so the average
-# would never move, and AdamW's small updates round away the same way.
-HALF_TRUE_PRECISIONS = ("bf16-true", "16-true")
-
-
-def plain(value):
-    """``value`` with jsonargparse's constrained types (``PositiveInt(3)`` is an int subclass)
-    turned into plain ints, floats and strings, which ``torch.load(weights_only=True)`` accepts;
-    dicts are converted in place, tensors left alone."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            value[k] = plain(v)
-        return value
-    if isinstance(value, (list, tuple)):
-        return (list if isinstance(value, list) else tuple)(plain(v) for v in value)
-    if type(value) in (bool, int, float, str):
-        return value
-    for kind in (bool, int, float, str):
-        if isinstance(value, kind):
-            return kind(value)
-    return value
-
-
-def check_precision(precision: str) -> None:
-    """Refuse a ``trainer.precision`` that would train the weights themselves in 16 bits."""
-    if str(precision) in HALF_TRUE_PRECISIONS:
-        raise ConfigError(
-            f"trainer.precision={precision} converts the weights and their EMA to 16 bits, where the EMA "
-            f"(decay 0.9999) and AdamW's small steps round to no change; use trainer.precision=bf16-mixed "
-            f"(float32 weights, the UNet in bfloat16) or 32-true"
-        )
-
-
-STRUCTURE = ("in_channels", "image_size", "class_cond", "num_classes", "timesteps", "noise_schedule",
-             "model_var_type", "block_out_channels", "layers_per_block", "attention_resolutions")
-
-
-# How to run a model, not what it is: with --ckpt_path these come from the config and
-# command line, not from the checkpoint's hyperparameters.
+# How to run a model, not what it is: not saved with the hyperparameters, so a checkpoint
+# never overrides them (``--ckpt_path`` takes them from the config and command line).
 RUNTIME = ("eval_with_ema", "bpd_batch_size", "channels_last", "compile")
 
-
-def check_compatible(saved: dict, hparams: dict) -> None:
-    """Raise a ConfigError naming every structural setting in which a checkpoint's
-    hyperparameters ``saved`` differ from the model's ``hparams``."""
-    differ = [f"{k}={saved[k]!r} (here {hparams[k]!r})" for k in STRUCTURE
-              if k in saved and k in hparams and saved[k] != hparams[k]
-              and (k != "num_classes" or hparams.get("class_cond"))]
-    if differ:
-        raise ConfigError(
-            f"the checkpoint was trained with {', '.join(differ)}; in_channels, image_size and num_classes "
-            f"follow the data, so use the data (and config) the checkpoint was trained with"
-        )
+# Stream numbers of the keyed generators, apart from each other and from the callbacks'.
+_TRAIN, _DROPOUT, _VAL, _TEST = 0, 1, 10**9, 2 * 10**9
 
 
 class IDDPM(LightningModule):
     """Improved DDPM (Nichol & Dhariwal 2021) on a diffusers ``UNet2DModel``.
 
     Args:
+        unet: The UNet's structure (widths, blocks, attention, dropout).
         image_size: Height and width of the images (linked from the data module).
         in_channels: Image channels C (linked from the data module). The UNet outputs 2C
             channels (ε and v) for a learned variance, C otherwise.
         num_classes: Number of classes (linked from the data module); used only if
             ``class_cond``.
         class_cond: Condition the UNet on class labels (a learned class embedding).
-        block_out_channels: Channels of each UNet resolution level, e.g. [128, 256, 256, 256]
-            for the paper's CIFAR-10 model (128 channels, multipliers 1, 2, 2, 2).
-        layers_per_block: Residual blocks per resolution level.
-        attention_resolutions: Resolutions (in pixels) whose blocks get self-attention.
-        attention_head_dim: Channels per attention head.
-        dropout: Dropout in the residual blocks (the paper uses 0.3 on CIFAR-10).
         timesteps: Diffusion steps T.
-        noise_schedule: ``cosine`` or ``linear``.
-        model_var_type: ``learned_range``, ``fixed_small`` or ``fixed_large``.
+        noise_schedule: The β schedule (§3.2): ``cosine`` or ``linear``.
+        model_var_type: The reverse variance: ``learned_range`` (§3.1) or a fixed one.
         loss_type: ``hybrid`` (L_simple + λ L_vlb), ``vlb`` or ``simple``.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (the paper uses 0).
@@ -114,53 +59,52 @@ class IDDPM(LightningModule):
         ema_decay: Decay of the exponential moving average of the weights.
         ema_warmup: Use min(ema_decay, (1 + n) / (10 + n)) after n updates, so that a short
             run's average is not dominated by the random initial weights.
-        eval_with_ema: Validate, test and sample with the EMA weights (else the raw ones).
-        bpd_batch_size: Model inputs per forward pass when evaluating bits/dim (``test``
-            and the ``BitsPerDim`` callback): k = ``bpd_batch_size // B`` timesteps of the
-            same B images share one call, so a call sees max(B, bpd_batch_size) inputs at
-            most (a batch larger than it is not split). It changes no number (beyond float
-            rounding), only speed and memory; on one image per batch it is what keeps the
-            hardware busy.
-        channels_last: Run the UNets in channels-last memory format (faster convolutions on
-            GPUs with tensor cores, and often on CPUs with oneDNN).
-        compile: ``torch.compile`` the UNets (the first steps pay the compilation). With
-            dropout, compiled training draws other dropout masks than eager (inductor's own
-            random streams), so keep it unchanged across a resume for an exact resume.
+        seed: Keys every random stream of training, validation and test (t, ε, dropout); the
+            CLI sets it from ``seed_everything``.
+        eval_with_ema: Run-time: validate, test and sample with the EMA weights (else the raw ones).
+        bpd_batch_size: Run-time: model inputs per forward pass when evaluating bits/dim (``test``
+            and the ``BitsPerDim`` callback): k = ``bpd_batch_size // B`` timesteps of the same B
+            images share one call. It changes no number (beyond float rounding), only speed and
+            memory.
+        channels_last: Run-time: run the UNets in channels-last memory format (faster
+            convolutions on GPUs with tensor cores, and often on CPUs with oneDNN).
+        compile: Run-time: ``torch.compile`` the UNets (the first steps pay the compilation).
+            With dropout, compiled training draws other dropout masks than eager (inductor's
+            own random streams), so keep it unchanged across a resume for an exact resume.
     """
 
     def __init__(
         self,
+        unet: UNetConfig = UNetConfig(),
         image_size: PositiveInt = 32,
         in_channels: PositiveInt = 3,
         num_classes: NonNegativeInt = 0,
         class_cond: bool = False,
-        block_out_channels: list[PositiveInt] = [128, 256, 256, 256],
-        layers_per_block: PositiveInt = 3,
-        attention_resolutions: list[PositiveInt] = [16, 8],
-        attention_head_dim: PositiveInt = 64,
-        dropout: UnitIntervalOpenRight = 0.0,
         timesteps: PositiveInt = 4000,
-        noise_schedule: Literal["cosine", "linear"] = "cosine",
-        model_var_type: Literal["learned_range", "fixed_small", "fixed_large"] = "learned_range",
-        loss_type: Literal["hybrid", "vlb", "simple"] = "hybrid",
+        noise_schedule: NoiseSchedule = "cosine",
+        model_var_type: VarianceType = "learned_range",
+        loss_type: LossType = "hybrid",
         lr: PositiveFloat = 1e-4,
         weight_decay: NonNegativeFloat = 0.0,
         warmup_steps: NonNegativeInt = 0,
         ema_decay: UnitIntervalOpenRight = 0.9999,
         ema_warmup: bool = False,
+        seed: NonNegativeInt = 0,
         eval_with_ema: bool = True,
         bpd_batch_size: PositiveInt = 256,
         channels_last: bool = False,
         compile: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        self.hparams.update({k: plain(v) for k, v in self.hparams.items()})  # checkpoints hold plain types
+        unet = UNetConfig(**unet) if isinstance(unet, dict) else unet  # a checkpoint's hyper_parameters hold a dict
+        self.save_hyperparameters(ignore=RUNTIME)
+        plain(self.hparams)  # checkpoints hold plain types
         try:
-            betas = get_named_beta_schedule(noise_schedule, timesteps)
-            self.diffusion = GaussianDiffusion(betas, model_var_type, loss_type)
+            self.diffusion = GaussianDiffusion(get_named_beta_schedule(noise_schedule, timesteps), model_var_type,
+                                               loss_type)
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
+        check_args("model.", IDDPM.__init__, {k: v for k, v in locals().items() if k not in ("self", "unet")})
         if loss_type == "simple" and model_var_type == "learned_range":
             raise ConfigError(
                 "model.loss_type 'simple' trains no variance, so a learned_range variance would stay "
@@ -168,18 +112,10 @@ class IDDPM(LightningModule):
             )
         if class_cond and num_classes < 1:
             raise ConfigError("model.class_cond is true but the data has no class labels; set class_cond: false")
-        for name, value in (("ema_decay", ema_decay), ("dropout", dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"model.{name} must be in [0, 1), got {value}")
-        if not lr > 0:
-            raise ConfigError(f"model.lr must be positive, got {lr}")
-        if bpd_batch_size < 1:
-            raise ConfigError(f"model.bpd_batch_size={bpd_batch_size} must be at least 1, e.g. 256")
+        self.eval_with_ema, self.bpd_batch_size, self.channels_last = eval_with_ema, bpd_batch_size, channels_last
+
         out_channels = 2 * in_channels if model_var_type == "learned_range" else in_channels
-        self.unet = build_unet(
-            image_size, in_channels, out_channels, block_out_channels, layers_per_block,
-            attention_resolutions, attention_head_dim, dropout, num_classes if class_cond else None,
-        )
+        self.unet = build_unet(unet, image_size, in_channels, out_channels, num_classes if class_cond else None)
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
@@ -189,8 +125,7 @@ class IDDPM(LightningModule):
             self.unet.compile()
             self.ema_unet.compile()
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self._micro, self._first_bad = 0, None  # micro-batches of this step, the first with a non-finite loss
-        self.timestep_sampler = UniformSampler(timesteps)
+        self.timestep_sampler = TimestepSampler(timesteps)  # a callback may give it p_t; it never replaces it
 
         self.val_loss, self.val_mse, self.val_vb = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_vb_quartiles = torch.nn.ModuleList(MeanMetric() for _ in range(4))
@@ -201,14 +136,14 @@ class IDDPM(LightningModule):
 
     @property
     def eval_unet(self):
-        return self.ema_unet if self.hparams.eval_with_ema else self.unet
+        return self.ema_unet if self.eval_with_ema else self.unet
 
     def model_fn(self, unet, labels: torch.Tensor | None = None):
         """The ``model(x_t, t)`` callable GaussianDiffusion expects, for a UNet and the B
         labels of a batch. Given k·B inputs (timesteps batched over the same images, t-major)
         it repeats the labels k times."""
         labels = labels if self.hparams.class_cond else None
-        memory_format = torch.channels_last if self.hparams.channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
         def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             y = labels if labels is None or len(labels) == len(x_t) else labels.repeat(len(x_t) // len(labels))
@@ -216,80 +151,58 @@ class IDDPM(LightningModule):
 
         return model
 
-    def _seed(self) -> int:
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
     # ------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Every value in a checkpoint (callback states, data module settings) in plain types,
-        and the seed that keys every random stream, so that a resume continues with it."""
-        plain(checkpoint)
-        checkpoint["seed"] = self._seed()
+        plain(checkpoint)  # callback states and data module settings too
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model before its weights meet a size mismatch."""
         check_compatible(checkpoint.get("hyper_parameters", {}), self.hparams)
 
-    # ---------------------------------------------------------------- training
+    # ----------------------------------------------------------- train and val
 
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
 
-    def training_step(self, batch, batch_idx: int):
+    def _step(self, unet, batch, sampler, generator: torch.Generator):
+        """Draw t from ``sampler`` and ε from ``generator``; the terms of L_hybrid/L_vlb/L_simple
+        for the batch: (t [B], weights [B], {loss, mse, vb} each [B])."""
         x_start, labels = batch  # (B, C, H, W) in [-1, 1], (B,)
-        # Everything random in this step is keyed by (seed, rank, batch number): t, ε, and
-        # (through the global generator) dropout. Ranks differ; a resumed run repeats exactly.
-        key = (self._seed(), self.global_rank, self.trainer.fit_loop.epoch_loop.total_batch_idx)
-        g = seeded_generator(self.device, *key)
-        torch.manual_seed(derive_seed(*key, 1))  # dropout
-        t, weights = self.timestep_sampler.sample(x_start.shape[0], self.device, generator=g)
-        noise = torch.randn(x_start.shape, generator=g, device=self.device, dtype=x_start.dtype)
-        terms = self.diffusion.training_losses(self.model_fn(self.unet, labels), x_start, t, noise=noise)
+        t, weights = sampler.sample(x_start.shape[0], self.device, generator=generator)
+        noise = torch.randn(x_start.shape, generator=generator, device=self.device, dtype=x_start.dtype)
+        terms = self.diffusion.training_losses(self.model_fn(unet, labels), x_start, t, noise=noise)
+        return t, weights, terms
+
+    def training_step(self, batch, batch_idx: int):
+        # Everything random in this step is keyed by (seed, rank, epoch, batch): t, ε and dropout.
+        # Ranks differ; a resumed run draws exactly what the uninterrupted one would have.
+        key = (self.hparams.seed, self.global_rank, self.current_epoch, batch_idx)
+        with global_rng_seeded(self.device, *key, _DROPOUT):  # dropout draws from the global generator
+            t, weights, terms = self._step(self.unet, batch, self.timestep_sampler,
+                                           seeded_generator(self.device, *key, _TRAIN))
         loss = (terms["loss"] * weights).mean()
-        self._note_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mse", terms["mse"].mean())
         self.log("train/vb", terms["vb"].mean())
         return {"loss": loss, "timesteps": t, "losses": terms["loss"].detach()}
 
-    # ------------------------------------------------------- non-finite guard
-
-    def _note_finite(self, loss: torch.Tensor) -> None:
-        """Remember (on the device: no sync) the first micro-batch of this optimizer step whose
-        loss is not finite; with gradient accumulation a step has several."""
-        if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
-        bad = ~torch.isfinite(loss.detach())
-        self._first_bad = torch.where(bad & (self._first_bad < 0), self._micro, self._first_bad)
-        self._micro += 1
-
-    def on_before_optimizer_step(self, optimizer):
-        """Refuse to apply a step in which any micro-batch's loss, on any rank, or the (all-
-        reduced) gradient is not finite: the weights, the EMA and every checkpoint stay those
-        of the last good step. The decision is made on values gathered from every rank (one
-        small all_gather and one host sync per optimizer step), so that all ranks stop
-        together with the same message, and none applies a step the others refused."""
-        micro, first_bad = self._micro, self._first_bad
-        self._micro, self._first_bad = 0, None
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
-        # fp16's GradScaler skips steps with inf gradients itself: only the loss is checked then.
-        bad_grad = (scaler is None and bool(grads)) and ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-        local = torch.stack([first_bad, torch.as_tensor(bad_grad, dtype=torch.long, device=first_bad.device)])
-        flags = self.trainer.strategy.all_gather(local).reshape(-1, 2).tolist()  # [[first_bad, bad_grad]] per rank
-        bad_loss = [(rank, m) for rank, (m, _) in enumerate(flags) if m >= 0]
-        if not bad_loss and not any(g for _, g in flags):
-            return
-        where = "; ".join(f"rank {rank}, micro-batch {m + 1} of {micro}" for rank, m in bad_loss)
-        step = self.global_step
-        what = f"the training loss is not finite in optimizer step {step + 1} ({where})" if bad_loss else \
-            f"the gradients are not finite in optimizer step {step + 1}"
-        raise NonFiniteLossError(
-            f"{what}; no rank applied it, so the weights and the last checkpoint are those of step {step}. "
-            f"Likely causes: a learning rate too high (model.lr), exploding gradients (set "
-            f"trainer.gradient_clip_val), or fp16 overflow (use bf16-mixed or 32-true)"
-        )
+    def validation_step(self, batch, batch_idx: int):
+        """The training terms on held-out images with the eval weights, at uniform t and ε drawn
+        from a generator keyed by the batch, so every validation sees the same t and ε."""
+        g = seeded_generator(self.device, self.hparams.seed, self.global_rank, _VAL + batch_idx)
+        t, _, terms = self._step(self.eval_unet, batch, UniformSampler(self.diffusion.num_timesteps), g)
+        self.val_loss.update(terms["loss"])
+        self.val_mse.update(terms["mse"])
+        self.val_vb.update(terms["vb"])
+        quartile = t * 4 // self.diffusion.num_timesteps  # (B,) in 0..3
+        for q, metric in enumerate(self.val_vb_quartiles):
+            metric.update(terms["vb"], weight=(quartile == q).to(terms["vb"].dtype))
+        B = len(t)
+        self.log_dict({"val/loss": self.val_loss, "val/mse": self.val_mse, "val/vb": self.val_vb},
+                      on_step=False, on_epoch=True, batch_size=B)
+        self.log_dict({f"val/vb_q{q}": m for q, m in enumerate(self.val_vb_quartiles)},
+                      on_step=False, on_epoch=True, batch_size=B)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -321,32 +234,31 @@ class IDDPM(LightningModule):
         decay = self.hparams.ema_decay
         if self.hparams.ema_warmup:
             decay = min(decay, (1 + n) / (10 + n))
-        ema = list(self.ema_unet.parameters())
-        torch._foreach_lerp_(ema, list(self.unet.parameters()), 1.0 - decay)
+        torch._foreach_lerp_(list(self.ema_unet.parameters()), list(self.unet.parameters()), 1.0 - decay)
         self._ema_n = n + 1
         self.ema_updates.fill_(n + 1)
 
-    # -------------------------------------------------------------- validation
+    # -------------------------------------------------------------------- test
 
-    def validation_step(self, batch, batch_idx: int):
-        """The training terms on held-out images with the eval weights, at t drawn from a
-        generator keyed by the batch so every validation sees the same t and ε."""
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Exact bits/dim: ``calc_bpd_loop`` over all T steps with the eval weights. Returns its
+        output (total_bpd, prior_bpd [B]; vb, mse [B, T]) for the test report."""
         x_start, labels = batch
-        g = seeded_generator(self.device, self._seed(), self.global_rank, 10**9 + batch_idx)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x_start.shape[0],), device=self.device, generator=g)
-        noise = torch.randn(x_start.shape, generator=g, device=self.device, dtype=x_start.dtype)
-        terms = self.diffusion.training_losses(self.model_fn(self.eval_unet, labels), x_start, t, noise=noise)
-        self.val_loss.update(terms["loss"])
-        self.val_mse.update(terms["mse"])
-        self.val_vb.update(terms["vb"])
-        quartile = t * 4 // self.diffusion.num_timesteps  # (B,) in 0..3
-        for q, metric in enumerate(self.val_vb_quartiles):
-            in_q = quartile == q
-            metric.update(terms["vb"], weight=in_q.to(terms["vb"].dtype))
-        self.log_dict({"val/loss": self.val_loss, "val/mse": self.val_mse, "val/vb": self.val_vb},
-                      prog_bar=False, on_step=False, on_epoch=True, batch_size=x_start.shape[0])
-        self.log_dict({f"val/vb_q{q}": m for q, m in enumerate(self.val_vb_quartiles)},
+        g = seeded_generator(self.device, self.hparams.seed, self.global_rank, _TEST + batch_idx)
+        progress = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+        # Bits/dim are evaluated in float32 whatever trainer.precision: a reported likelihood
+        # must not depend on the precision a run happened to train in.
+        with torch.autocast(self.device.type, enabled=False):
+            out = self.diffusion.calc_bpd_loop(self.model_fn(self.eval_unet, labels), x_start.float(), generator=g,
+                                               progress=progress, max_batch=self.bpd_batch_size)
+        self.test_bpd.update(out["total_bpd"])
+        self.test_prior_bpd.update(out["prior_bpd"])
+        self.test_decoder_bpd.update(out["vb"][:, 0])
+        self.test_kl_bpd.update(out["vb"][:, 1:].sum(dim=1))
+        self.log_dict({"test/bpd": self.test_bpd, "test/prior_bpd": self.test_prior_bpd,
+                       "test/decoder_bpd": self.test_decoder_bpd, "test/kl_bpd": self.test_kl_bpd},
                       on_step=False, on_epoch=True, batch_size=x_start.shape[0])
+        return out
 
     # ---------------------------------------------------------------- sampling
 
@@ -354,8 +266,8 @@ class IDDPM(LightningModule):
     def sample(
         self,
         num_samples: int,
-        sample_steps: str | int | None = None,
-        sampler: str = "ddpm",
+        sample_steps: SampleSteps = None,
+        sampler: Sampler = "ddpm",
         eta: float = 0.0,
         labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
@@ -366,8 +278,7 @@ class IDDPM(LightningModule):
         ``sample_steps``: None for all T steps, or a respacing (``100``, ``"10,15,25"``,
         ``"ddim50"``); ``sampler``: ``ddpm`` (ancestral, learned variance) or ``ddim`` (``eta``).
         """
-        if sampler not in ("ddpm", "ddim"):
-            raise ConfigError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        check_args("", IDDPM.sample, {"sampler": sampler})
         diffusion = self.diffusion if sample_steps is None else self.respaced(sample_steps)
         hp = self.hparams
         if hp.class_cond and labels is None:
@@ -385,25 +296,9 @@ class IDDPM(LightningModule):
         finally:
             unet.train(was_training)
 
-    def predict_dataloader(self):
-        """The sample indices 0..N-1 in batches; ``self.sampling`` (installed by the
-        ``predict`` settings callback) says how many and how to sample them."""
-        s = self.sampling
-        return torch.utils.data.DataLoader(torch.arange(s.num_samples), batch_size=s.batch_size)
-
-    def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Samples for ``indices`` [b]: uint8 images [b, H, W, C] rounded to the 256 levels."""
-        s = self.sampling
-        g = seeded_generator(self.device, s.seed, int(indices[0]))
-        labels = indices % self.hparams.num_classes if self.hparams.class_cond else None
-        x = self.sample(len(indices), s.sample_steps, s.sampler, s.eta, labels=labels, generator=g,
-                        progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None)
-        images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (b, H, W, C)
-        return {"index": indices, "image": images,
-                "label": labels if labels is not None else torch.zeros_like(indices)}
-
     def respaced(self, sample_steps: str | int) -> GaussianDiffusion:
-        """The diffusion respaced to ``sample_steps`` (cached: respacing T = 4000 costs a few ms)."""
+        """The diffusion respaced to ``sample_steps`` (cached: respacing T = 4000 costs a few ms);
+        a respacing T cannot meet is a ConfigError."""
         cache = self.__dict__.setdefault("_respaced", {})
         key = str(sample_steps)
         if key not in cache:
@@ -413,67 +308,15 @@ class IDDPM(LightningModule):
                 raise ConfigError(f"sample_steps: {e}") from None
         return cache[key].to(self.device)
 
-    # -------------------------------------------------------------------- test
-
-    def on_test_epoch_start(self):
-        T = self.diffusion.num_timesteps
-        self._vb_sum = torch.zeros(T, dtype=torch.float64, device=self.device)
-        self._mse_sum = torch.zeros(T, dtype=torch.float64, device=self.device)
-        self._count = torch.zeros((), dtype=torch.float64, device=self.device)
-
-    def test_step(self, batch, batch_idx: int):
-        """Exact bits/dim: ``calc_bpd_loop`` over all T steps with the eval weights."""
-        x_start, labels = batch
-        g = seeded_generator(self.device, self._seed(), self.global_rank, 2 * 10**9 + batch_idx)
-        progress = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
-        # Bits/dim are evaluated in float32 whatever trainer.precision: a reported likelihood
-        # must not depend on the precision a run happened to train in.
-        with torch.autocast(self.device.type, enabled=False):
-            out = self.diffusion.calc_bpd_loop(self.model_fn(self.eval_unet, labels), x_start.float(), generator=g,
-                                               progress=progress, max_batch=self.hparams.bpd_batch_size)
-        B = x_start.shape[0]
-        self.test_bpd.update(out["total_bpd"])
-        self.test_prior_bpd.update(out["prior_bpd"])
-        self.test_decoder_bpd.update(out["vb"][:, 0])
-        self.test_kl_bpd.update(out["vb"][:, 1:].sum(dim=1))
-        self._vb_sum += out["vb"].sum(dim=0).double()
-        self._mse_sum += out["mse"].sum(dim=0).double()
-        self._count += B
-        self.log_dict({"test/bpd": self.test_bpd, "test/prior_bpd": self.test_prior_bpd,
-                       "test/decoder_bpd": self.test_decoder_bpd, "test/kl_bpd": self.test_kl_bpd},
-                      on_step=False, on_epoch=True, batch_size=B)
-
-    def on_test_epoch_end(self):
-        vb_sum = self.trainer.strategy.reduce(self._vb_sum, reduce_op="sum")
-        mse_sum = self.trainer.strategy.reduce(self._mse_sum, reduce_op="sum")
-        count = self.trainer.strategy.reduce(self._count, reduce_op="sum")
-        summary = {name: float(metric.compute()) for name, metric in [
-            ("bpd", self.test_bpd), ("prior_bpd", self.test_prior_bpd),
-            ("decoder_bpd", self.test_decoder_bpd), ("kl_bpd", self.test_kl_bpd)]}
-        if self.trainer.is_global_zero and count > 0:
-            summary["num_images"] = int(count)
-            self.save_test_results(summary, (vb_sum / count).cpu().numpy(), (mse_sum / count).cpu().numpy())
-
-    def save_test_results(self, summary: dict, vb: np.ndarray, mse: np.ndarray):
-        """Write ``test/bpd.json`` (the breakdown) and the per-timestep mean L_t (bits/dim)
-        as ``test/vb_curve.{npz,png}`` in the run directory."""
-        # default_root_dir is the run directory; trainer.log_dir would broadcast, and this runs on rank 0 only.
-        out_dir = Path(self.trainer.default_root_dir) / "test"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "bpd.json").write_text(json.dumps(summary, indent=2) + "\n")
-        count = summary["num_images"]
-        np.savez(out_dir / "vb_curve.npz", vb=vb, mse=mse, num_images=count)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(np.arange(len(vb)), vb)
-        ax.set(yscale="log", xlabel="timestep t", ylabel="mean $L_t$ (bits/dim)",
-               title=f"VLB terms, {count} test images, total {vb.sum():.4f} bits/dim + prior")
-        fig.tight_layout()
-        fig.savefig(out_dir / "vb_curve.png", dpi=120)
-        plt.close(fig)
-        print(f"Test bits/dim {summary['bpd']:.4f} over {count} images: breakdown in {out_dir / 'bpd.json'}, "
-              f"per-timestep curve in {out_dir / 'vb_curve.png'} and vb_curve.npz")
+    def predict_step(self, batch: SampleBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Samples for ``batch.index`` [b] as uint8 images [b, H, W, C] (rounded to the 256
+        levels), drawn with noise keyed by (seed, first index): the same seed gives the same
+        images on the same number of devices."""
+        indices = batch.index
+        g = seeded_generator(self.device, batch.seed, int(indices[0]))
+        labels = indices % self.hparams.num_classes if self.hparams.class_cond else None
+        x = self.sample(len(indices), batch.sample_steps, batch.sampler, batch.eta, labels=labels, generator=g,
+                        progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None)
+        images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (b, H, W, C)
+        return {"index": indices, "image": images,
+                "label": labels if labels is not None else torch.zeros_like(indices)}

@@ -11,14 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from iddpm_lightning.unet import UNetConfig
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A UNet and chain small enough for a CPU test to train and evaluate in seconds.
+TINY_UNET = UNetConfig(block_out_channels=[32], layers_per_block=1, attention_resolutions=[], attention_head_dim=8)
 TINY = [
-    "--model.block_out_channels=[32]",
-    "--model.layers_per_block=1",
-    "--model.attention_resolutions=[]",
-    "--model.attention_head_dim=8",
+    "--model.unet.block_out_channels=[32]",
+    "--model.unet.layers_per_block=1",
+    "--model.unet.attention_resolutions=[]",
+    "--model.unet.attention_head_dim=8",
     "--model.timesteps=100",
     "--data.batch_size=16",
     "--trainer.enable_progress_bar=false",
@@ -53,7 +56,6 @@ def run_main(capsys, monkeypatch):
 
     def run(args, cwd: Path) -> tuple[int, str]:
         monkeypatch.chdir(cwd)
-        monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything writes it; undone after the test
         for handler in logging.getLogger("lightning").handlers + logging.getLogger("lightning.pytorch").handlers:
             if isinstance(handler, logging.StreamHandler):  # bound to an earlier test's captured stream
                 monkeypatch.setattr(handler, "stream", sys.stderr)

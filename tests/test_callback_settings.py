@@ -1,4 +1,4 @@
-"""Every callback setting is typed for jsonargparse: a bad value is refused at parse time,
+"""Every callback setting (and predict's sampling settings) is typed for jsonargparse: a bad value is refused at parse time,
 before any model is built, with one error naming the key; the same checks hold for Python
 callers (ConfigError). The CLI cases run the CLI's main() in-process."""
 
@@ -14,13 +14,14 @@ import torch
 from jsonargparse import ArgumentParser
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt
 
-from iddpm_lightning.callbacks import FID, BitsPerDim, ImportanceSampler, SampleGrid, SampleWriter
-from iddpm_lightning.callbacks._settings import AtLeastTwoInt, Respacing, Sampler, SampleSteps
+from iddpm_lightning.callbacks import FID, BitsPerDim, ImportanceSampler, SampleGrid
+from iddpm_lightning.sampling import Sampling
+from iddpm_lightning.settings import AtLeastTwoInt, Respacing, Sampler, SampleSteps
 from iddpm_lightning.errors import ConfigError
 
 from .test_fid import TinyExtractor
 
-CALLBACKS = [FID, BitsPerDim, ImportanceSampler, SampleGrid, SampleWriter]
+CALLBACKS = [FID, BitsPerDim, ImportanceSampler, SampleGrid, Sampling]
 ADD = "--trainer.callbacks+=iddpm_lightning.callbacks."
 
 # (what is wrong, extra arguments, the setting named in the error). digits.yaml's callbacks are
@@ -78,7 +79,7 @@ EXPECTED_TYPES = {
                         "plot_every_n_steps": NonNegativeInt},
     SampleGrid: {"every_n_steps": PositiveInt, "num_samples": PositiveInt, "sample_steps": SampleSteps,
                  "sampler": Sampler, "seed": NonNegativeInt},
-    SampleWriter: {"num_samples": PositiveInt, "sample_steps": SampleSteps, "sampler": Sampler,
+    Sampling: {"num_samples": PositiveInt, "sample_steps": SampleSteps, "sampler": Sampler,
                    "eta": ClosedUnitInterval, "batch_size": PositiveInt, "seed": NonNegativeInt,
                    "out_dir": str | None},
 }
@@ -106,8 +107,8 @@ PARSE_CASES = [
     (ImportanceSampler, "uniform_prob", "-0.1"), (ImportanceSampler, "history_per_term", "0"),
     (ImportanceSampler, "plot_every_n_steps", "-1"),
     (SampleGrid, "every_n_steps", "0"), (SampleGrid, "sample_steps", "ddim0"), (SampleGrid, "sampler", "DDPM"),
-    (SampleWriter, "num_samples", "0"), (SampleWriter, "batch_size", "0"), (SampleWriter, "eta", "2"),
-    (SampleWriter, "sample_steps", "10,0"), (SampleWriter, "sampler", "foo"),
+    (Sampling, "num_samples", "0"), (Sampling, "batch_size", "0"), (Sampling, "eta", "2"),
+    (Sampling, "sample_steps", "10,0"), (Sampling, "sampler", "foo"),
 ]
 
 
@@ -126,7 +127,7 @@ def test_jsonargparse_refuses_bad_values_naming_the_key(cls, name, value):
 @pytest.mark.parametrize("value, expected", [("100", 100), ("ddim50", "ddim50"), ("10,15,25", "10,15,25"),
                                              ("null", None)])
 def test_good_sample_steps_parse(value, expected):
-    assert parser_for(SampleWriter).parse_args([f"--cb.sample_steps={value}"]).cb.sample_steps == expected
+    assert parser_for(Sampling).parse_args([f"--cb.sample_steps={value}"]).cb.sample_steps == expected
 
 
 def make(cls, **kw):
@@ -148,10 +149,10 @@ PYTHON_CASES = [
     (SampleGrid, {"every_n_steps": 0}, "SampleGrid every_n_steps=0 must be an integer >= 1"),
     (SampleGrid, {"sample_steps": "ddim-5"}, "SampleGrid sample_steps='ddim-5' is not a respacing"),
     (SampleGrid, {"sampler": "euler"}, "SampleGrid sampler='euler' is not one of"),
-    (SampleWriter, {"num_samples": 0}, "sampling.num_samples=0 must be an integer >= 1"),
-    (SampleWriter, {"batch_size": 0}, "sampling.batch_size=0 must be an integer >= 1"),
-    (SampleWriter, {"eta": -0.5}, "sampling.eta=-0.5 must be a number in [0, 1]"),
-    (SampleWriter, {"sample_steps": -3}, "sampling.sample_steps=-3 is not a respacing"),
+    (Sampling, {"num_samples": 0}, "sampling.num_samples=0 must be an integer >= 1"),
+    (Sampling, {"batch_size": 0}, "sampling.batch_size=0 must be an integer >= 1"),
+    (Sampling, {"eta": -0.5}, "sampling.eta=-0.5 must be a number in [0, 1]"),
+    (Sampling, {"sample_steps": -3}, "sampling.sample_steps=-3 is not a respacing"),
 ]
 
 

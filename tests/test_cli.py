@@ -89,13 +89,13 @@ def test_ddp_fit_and_test_on_two_cpu_processes(tmp_path, digits_config):
     """Lightning's DDP (gloo) through the CLI: training with the resumable loader and the
     importance sampler, then an exact test where each image counts once across ranks."""
     run = tmp_path / "run"
-    vlb = str(REPO / "configs" / "digits_vlb.yaml")
+    vlb = [digits_config, "--config", str(REPO / "configs" / "digits_vlb.yaml")]
     ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
-    run_cli("fit", "--config", vlb, f"--run_dir={run}", *TINY, *ddp, "--trainer.max_steps=3", cwd=tmp_path)
+    run_cli("fit", "--config", *vlb, f"--run_dir={run}", *TINY, *ddp, "--trainer.max_steps=3", cwd=tmp_path)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ImportanceSampler"))
     assert ckpt["global_step"] == 3 and int(state["loss_counts"].sum()) == 3 * 2 * 16  # both ranks' losses
-    run_cli("test", "--config", vlb, f"--run_dir={run}", *TINY, *ddp, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    run_cli("test", "--config", *vlb, f"--run_dir={run}", *TINY, *ddp, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
             "--data.test_size=37", "--data.batch_size=8", cwd=tmp_path)
     res = json.loads((run / "test" / "bpd.json").read_text())
     assert res["num_images"] == 37  # 19 + 18: no image padded in twice

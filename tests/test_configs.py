@@ -16,12 +16,20 @@ SMOKE = ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--trainer.
          "--data.batch_size=2", "--data.num_workers=0", "--data.pin_memory=false", "--data.persistent_workers=false"]
 
 
-@pytest.mark.parametrize("name", ["cifar10_hybrid", "cifar10_vlb"])
+# A variant is a delta composed onto its recipe with a second --config.
+CONFIGS = {"cifar10_hybrid": ["cifar10_hybrid"], "cifar10_vlb": ["cifar10_hybrid", "cifar10_vlb"]}
+
+
+def configs(*names: str) -> list[str]:
+    return [arg for name in names for arg in ("--config", str(REPO / "configs" / f"{name}.yaml"))]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_cifar10_configs_start(tmp_path, name, inception_weights):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / inception_weights.name).symlink_to(inception_weights)  # the path the config names
     write_tiny_cifar(tmp_path / "cifar", n_train=10, n_test=8)
-    run_cli("fit", "--config", str(REPO / "configs" / f"{name}.yaml"), f"--run_dir={tmp_path / 'run'}", *SMOKE,
+    run_cli("fit", *configs(*CONFIGS[name]), f"--run_dir={tmp_path / 'run'}", *SMOKE,
             f"--data.root={tmp_path / 'cifar'}", "--data.val_size=4", cwd=tmp_path, timeout=600)
 
 
@@ -41,7 +49,7 @@ def test_imagenet64_config_starts(tmp_path, inception_weights):
 
 def test_digits_vlb_trains_with_the_importance_sampler(tmp_path):
     run = tmp_path / "run"
-    run_cli("fit", "--config", str(REPO / "configs" / "digits_vlb.yaml"), f"--run_dir={run}", *TINY,
+    run_cli("fit", *configs("digits", "digits_vlb"), f"--run_dir={run}", *TINY,
             "--trainer.max_steps=3", cwd=tmp_path)
     import torch
 

@@ -18,11 +18,10 @@ from iddpm_lightning.errors import ConfigError
 from iddpm_lightning.export import ddpm_scheduler_config, export_to_diffusers
 from iddpm_lightning.module import IDDPM
 
-from .conftest import run_cli
+from .conftest import TINY_UNET, run_cli
 
 T = 100
-TINY_MODEL = dict(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
-                  attention_resolutions=[], attention_head_dim=8, timesteps=T)
+TINY_MODEL = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=T)
 
 
 def tiny_model(**overrides) -> IDDPM:

@@ -22,7 +22,10 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from iddpm_lightning.callbacks.fid import FID, INCEPTION_FILE, INCEPTION_URL, to_uint8_rgb
 from iddpm_lightning.data import DigitsDataModule, to_model_range
 from iddpm_lightning.errors import ConfigError
-from iddpm_lightning.module import IDDPM, seeded_generator
+from iddpm_lightning.module import IDDPM
+from iddpm_lightning.rng import seeded_generator
+
+from .conftest import TINY_UNET
 
 THIS = Path(__file__).resolve()
 
@@ -293,8 +296,7 @@ def test_local_inception_weights_load_with_no_network(tmp_path, monkeypatch):
 
 def test_fid_during_training_every_second_validation_with_a_tiny_iddpm(tmp_path):
     torch.manual_seed(0)
-    model = IDDPM(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
-                  attention_resolutions=[], attention_head_dim=8, timesteps=20)
+    model = IDDPM(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20)
     calls, sample = [], model.sample
     model.sample = lambda n, *a, **k: calls.append(n) or sample(n, *a, **k)
     fid = FID(num_samples=16, batch_size=10, sample_steps=5, every_n_val_epochs=2, feature_extractor=TinyExtractor(8))
@@ -323,8 +325,7 @@ class Probe(Callback):
 
 def tiny_iddpm() -> IDDPM:
     torch.manual_seed(0)
-    return IDDPM(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
-                 attention_resolutions=[], attention_head_dim=8, timesteps=20)
+    return IDDPM(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20)
 
 
 def fit_trainer(root: Path, *callbacks, **kw) -> Trainer:

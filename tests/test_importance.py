@@ -18,8 +18,9 @@ from iddpm_lightning.diffusion.resample import LossSecondMomentResampler, Unifor
 from iddpm_lightning.errors import ConfigError
 from iddpm_lightning.module import IDDPM
 
-TINY = dict(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
-            attention_resolutions=[], attention_head_dim=8, timesteps=20, loss_type="vlb")
+from .conftest import TINY_UNET
+
+TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20, loss_type="vlb")
 
 
 # ------------------------------------------------------------------ references
@@ -220,12 +221,12 @@ class Recorder(Callback):
         self.timesteps: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
         self.probs_before: list[torch.Tensor] = []
-        self.sampler = None
+        self.module_probs: list[torch.Tensor] = []  # the distribution the module's sampler held
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.sampler = pl_module.timestep_sampler
         imp = next(cb for cb in trainer.callbacks if isinstance(cb, ImportanceSampler))
         self.probs_before.append(imp.resampler.probs().clone())
+        self.module_probs.append(pl_module.timestep_sampler.probs.clone())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.timesteps.append(outputs["timesteps"].detach().clone())
@@ -275,7 +276,8 @@ def test_callback_history_follows_the_training_steps():
     model, trainer, rec = fit(cb)
     T, H = 20, 10
     assert trainer.global_step == 6 and len(rec.timesteps) == 6
-    assert model.timestep_sampler is cb and rec.sampler is cb
+    # before every step the module's sampler held the callback's current p_t
+    assert len(rec.module_probs) == 6 and all(torch.equal(m, c) for m, c in zip(rec.module_probs, rec.probs_before))
     assert all(len(t) == 8 for t in rec.timesteps)
     assert all(torch.isfinite(l).all() and (l >= 0).all() for l in rec.losses)
 
@@ -304,7 +306,9 @@ def test_the_module_draws_t_from_the_callbacks_distribution():
     cb = ImportanceSampler(history_per_term=H, uniform_prob=u)
     cb.load_state_dict({"num_timesteps": T, "history_per_term": H,
                         "loss_history": torch.from_numpy(history), "loss_counts": torch.from_numpy(counts)})
-    model, trainer, rec = fit(cb, max_steps=4)
+    # 24 draws in the first step, where p = (0.8, 0.2) on t = (3, 7): both appear (the later steps'
+    # own losses at t = 3, far larger, leave t = 7 little probability)
+    model, trainer, rec = fit(cb, batch_size=24, max_steps=4)
     drawn = torch.cat(rec.timesteps)
     assert set(drawn.tolist()) <= {3, 7} and set(drawn.tolist()) == {3, 7}
     np.testing.assert_allclose(rec.probs_before[0].numpy(), reference_probs(history, counts, u), rtol=1e-12)
@@ -339,7 +343,7 @@ def bare_trainer() -> Trainer:
 def setup_callback(cb: ImportanceSampler, T: int = 20) -> IDDPM:
     model = IDDPM(**{**TINY, "timesteps": T})
     cb.setup(bare_trainer(), model, "fit")
-    assert model.timestep_sampler is cb
+    assert torch.equal(model.timestep_sampler.probs, cb.resampler.probs())
     return model
 
 
@@ -394,3 +398,20 @@ def test_state_with_another_shape_is_a_config_error():
     setup_callback(cb, T=7)
     with pytest.raises(ConfigError, match=r"4 losses per timestep.*and 3"):
         cb.load_state_dict(state)
+
+
+def test_the_modules_sampler_is_uniform_until_given_p_and_then_the_resamplers_draw():
+    from iddpm_lightning.diffusion.resample import TimestepSampler
+
+    sampler, uniform = TimestepSampler(50), UniformSampler(50)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    for a, b in zip(sampler.sample(64, "cpu", g()), uniform.sample(64, "cpu", g())):
+        assert torch.equal(a, b)  # exactly the uniform draw: no importance callback, no change
+    r, _, _ = warmed_resampler(10.0 ** np.linspace(-2, 1, 50), H=2, uniform_prob=0.001)
+    sampler.set_probs(r.probs())
+    for a, b in zip(sampler.sample(64, "cpu", g()), r.sample(64, "cpu", g())):
+        assert torch.equal(a, b)
+    sampler.set_probs(None)
+    assert torch.equal(sampler.sample(8, "cpu", g())[0], uniform.sample(8, "cpu", g())[0])
+    with pytest.raises(ValueError, match=r"shape \(49,\)"):
+        sampler.set_probs(torch.full((49,), 1 / 49))

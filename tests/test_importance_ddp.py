@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from iddpm_lightning.callbacks import ImportanceSampler
 from iddpm_lightning.module import IDDPM
 
-from .conftest import REPO
+from .conftest import TINY_UNET, REPO
 
 
 def reference_history(T: int, H: int, pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +51,7 @@ def test_ddp_ranks_hold_identical_history_equal_to_rank_ordered_single_process(t
 
 def _fit(tmp_path, steps, ckpt_path=None):
     torch.manual_seed(0)
-    model = IDDPM(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
-                  attention_resolutions=[], attention_head_dim=8, timesteps=12, loss_type="vlb")
+    model = IDDPM(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=12, loss_type="vlb")
     sampler = ImportanceSampler(history_per_term=2)
     x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     loader = DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=8)

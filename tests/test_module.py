@@ -9,11 +9,15 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from iddpm_lightning.callbacks import NonFiniteGuard
 from iddpm_lightning.errors import ConfigError, NonFiniteLossError
-from iddpm_lightning.module import IDDPM, seeded_generator
+from iddpm_lightning.module import IDDPM
+from iddpm_lightning.rng import seeded_generator
+from iddpm_lightning.unet import UNetConfig
 
-TINY = dict(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
-            attention_resolutions=[], attention_head_dim=8, timesteps=20)
+from .conftest import TINY_UNET
+
+TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20)
 
 
 def tiny(**kw) -> IDDPM:
@@ -49,9 +53,9 @@ def test_bad_settings_are_one_clear_config_error():
     with pytest.raises(ConfigError, match="timesteps must be an integer >= 1"):
         tiny(timesteps=0)
     with pytest.raises(ConfigError, match="image size of 10 cannot be down-sampled"):
-        IDDPM(**{**TINY, "image_size": 10, "block_out_channels": [32, 32, 32]})
+        IDDPM(**{**TINY, "image_size": 10, "unet": UNetConfig([32, 32, 32], 1, [], 8)})
     with pytest.raises(ConfigError, match="multiples of 32"):
-        tiny(block_out_channels=[48])
+        tiny(unet=UNetConfig([48], 1, [], 8))
 
 
 def test_seeded_generator_is_keyed():
@@ -85,7 +89,7 @@ def test_a_non_finite_loss_stops_before_the_weights_change(tmp_path):
     model = tiny()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
     trainer = Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, callbacks=[ckpt])
+                      limit_val_batches=0, callbacks=[ckpt, NonFiniteGuard()])  # as the CLI adds it
     with pytest.raises(NonFiniteLossError, match=r"not finite in optimizer step 3 \(rank 0, micro-batch 1 of 1\).*those of step 2.*model.lr"):
         trainer.fit(model, loader)
     assert trainer.global_step == 2
@@ -102,7 +106,8 @@ def test_a_non_finite_loss_in_any_micro_batch_stops_before_the_step(tmp_path):
     loader = DataLoader(TensorDataset(x, torch.zeros(48, dtype=torch.long)), batch_size=8)
     model = tiny()
     trainer = Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, enable_checkpointing=False, accumulate_grad_batches=3)
+                      limit_val_batches=0, enable_checkpointing=False, accumulate_grad_batches=3,
+                      callbacks=[NonFiniteGuard()])
     before = {}
 
     class Snapshot(Callback):
@@ -151,9 +156,52 @@ def test_sampling_uses_eval_weights_and_is_reproducible():
     a = model.sample(3, sample_steps=5, generator=g())
     b = model.sample(3, sample_steps=5, generator=g())
     assert a.shape == (3, 1, 8, 8) and torch.equal(a, b)
-    model.hparams.eval_with_ema = False
+    model.eval_with_ema = False  # a run-time setting: an attribute, not a hyperparameter
     c = model.sample(3, sample_steps=5, generator=g())
     assert not torch.equal(a, c)
     d = model.sample(3, sample_steps="ddim5", sampler="ddim", generator=g())
     assert d.shape == (3, 1, 8, 8) and torch.equal(d, model.sample(3, sample_steps="ddim5", sampler="ddim", generator=g()))
     assert model.unet.training and model.ema_unet.training  # sampling restored the train mode
+
+
+def test_python_callers_get_the_types_checks_in_one_sentence():
+    """The same type hints jsonargparse checks at parse time, for a direct call."""
+    cases = [(dict(lr=-1.0), "model.lr=-1.0 must be a number > 0; set it to a value > 0"),
+             (dict(ema_decay=1.0), "model.ema_decay=1.0 must be a number in [0, 1)"),
+             (dict(bpd_batch_size=0), "model.bpd_batch_size=0 must be an integer >= 1"),
+             (dict(warmup_steps=-1), "model.warmup_steps=-1 must be an integer >= 0")]
+    for kw, start in cases:
+        with pytest.raises(ConfigError) as err:
+            tiny(**kw)
+        assert str(err.value).startswith(start), str(err.value)
+    with pytest.raises(ConfigError, match=r"^model.unet.dropout=1.5 must be a number in \[0, 1\)"):
+        UNetConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match=r"^sampler='euler' is not one of 'ddpm', 'ddim'"):
+        tiny().sample(1, 5, sampler="euler")
+
+
+def test_runtime_settings_are_not_hyperparameters_and_a_dict_unet_rebuilds_the_model():
+    model = tiny(bpd_batch_size=7, eval_with_ema=False)
+    assert not {"eval_with_ema", "bpd_batch_size", "channels_last", "compile"} & set(model.hparams)
+    assert model.hparams.unet == {"block_out_channels": [32], "layers_per_block": 1, "attention_resolutions": [],
+                                  "attention_head_dim": 8, "dropout": 0.0}  # plain data, as a checkpoint holds it
+    again = IDDPM(**model.hparams)  # what load_from_checkpoint and export do
+    assert again.hparams == model.hparams and again.bpd_batch_size == 256
+    assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]
+
+
+def test_a_training_step_leaves_the_global_generator_as_it_found_it():
+    """Dropout is seeded from the step's key inside the step only: no process-wide reseed."""
+    model = tiny(unet=UNetConfig([32], 1, [], 8, dropout=0.5))
+    batch = next(iter(loader()))
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(model)  # training_step reads the rank and epoch through its trainer
+    model.trainer = trainer
+    model.log = lambda *args, **kwargs: None  # outside a loop there is nowhere to log
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = model.training_step(batch, 0)["loss"].detach()
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(456)  # another global state: the same step draws the same dropout, t and ε
+    assert torch.equal(model.training_step(batch, 0)["loss"].detach(), first)
+    assert not torch.equal(model.training_step(batch, 1)["loss"].detach(), first)  # another batch

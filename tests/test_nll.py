@@ -21,7 +21,10 @@ from iddpm_lightning.callbacks.nll import BitsPerDim
 from iddpm_lightning.diffusion.gaussian import log_strata
 from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
 from iddpm_lightning.errors import ConfigError
-from iddpm_lightning.module import IDDPM, seeded_generator
+from iddpm_lightning.module import IDDPM
+from iddpm_lightning.rng import seeded_generator
+
+from .conftest import TINY_UNET
 
 F64 = torch.float64
 
@@ -186,8 +189,7 @@ def test_noisy_model_mean_matches_exact_loop_and_se_matches_spread(K):
 # ======================================================== the callback
 
 
-TINY = dict(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
-            attention_resolutions=[], attention_head_dim=8, timesteps=20)
+TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20)
 
 
 class RecordingBitsPerDim(BitsPerDim):

@@ -10,10 +10,12 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
+from iddpm_lightning.callbacks import BpdReport
 from iddpm_lightning.module import IDDPM
 
-TINY = dict(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
-            attention_resolutions=[], attention_head_dim=8, timesteps=30)
+from .conftest import TINY_UNET
+
+TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=30)
 
 
 def data(n=16):
@@ -42,7 +44,7 @@ def test_test_bits_per_dim_do_not_depend_on_precision(tmp_path):
     for precision in ("32-true", "bf16-mixed"):
         root = tmp_path / precision
         trainer = Trainer(precision=precision, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                          default_root_dir=root)
+                          default_root_dir=root, callbacks=[BpdReport()])
         trainer.test(model, data(8), verbose=False)
         results[precision] = json.loads((root / "test" / "bpd.json").read_text())["bpd"]
     # float32 evaluation: the same numbers, well inside the 1e-3 bits the issue allows

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 
 # digits_vlb (ImportanceSampler history in the checkpoint, dropout 0.1), 1497 training images
 # in batches of 256: 5 batches an epoch. A validation every 10 batches exercises its streams too.
-ARGS = ["--config", str(REPO / "configs" / "digits_vlb.yaml"), *TINY, "--data.batch_size=256",
-        "--trainer.val_check_interval=10", "--trainer.callbacks+=tests.recorder.RecordBatches"]
+ARGS = ["--config", str(REPO / "configs" / "digits.yaml"), "--config", str(REPO / "configs" / "digits_vlb.yaml"),
+        *TINY, "--data.batch_size=256", "--trainer.val_check_interval=10", "--trainer.callbacks+=tests.recorder.RecordBatches"]
 STEPS = 18  # epochs 0..3
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 

@@ -9,8 +9,9 @@ import torch
 from iddpm_lightning.data import DigitsDataModule
 from iddpm_lightning.module import IDDPM
 
-TINY = dict(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1, attention_resolutions=[],
-            attention_head_dim=8, timesteps=100)
+from .conftest import TINY_UNET
+
+TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=100)
 
 
 def pair(**options) -> tuple[IDDPM, IDDPM]:

@@ -1,10 +1,12 @@
 """Callbacks: importance sampling of t, bits/dim and FID during validation, sample grids,
-and the writer behind `predict`."""
+the non-finite guard of every fit, the test report and the writer behind `predict`."""
 
 from .fid import FID
+from .guard import NonFiniteGuard
 from .importance import ImportanceSampler
 from .nll import BitsPerDim
+from .report import BpdReport
 from .samples import SampleGrid
 from .writer import SampleWriter
 
-__all__ = ["BitsPerDim", "FID", "ImportanceSampler", "SampleGrid", "SampleWriter"]
+__all__ = ["BitsPerDim", "BpdReport", "FID", "ImportanceSampler", "NonFiniteGuard", "SampleGrid", "SampleWriter"]

@@ -1,5 +1,9 @@
 """FID of the model's samples against the data, every N validation epochs, logged as ``val/fid``.
 
+(Over 300 lines because the reference statistics must be right under DDP and on disk: the
+pass shared over the ranks, the one-collective failure agreement and the atomic cache are
+what the length is; the metric itself is torchmetrics'.)
+
 The Fréchet distance and the Inception network are torchmetrics' ``FrechetInceptionDistance``
 (on torch-fidelity's InceptionV3, read from a local weights file); this callback only feeds it:
 the reference images once (then cached on disk), and fresh samples from the eval (EMA) weights
@@ -22,14 +26,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ..checkpointing import replace_durably
+from ..data import Reference
 from ..errors import ConfigError
 from ..rng import seeded_generator
-from ._settings import (SAMPLERS, AtLeastTwoInt, ClosedUnitInterval, NonNegativeInt, PositiveInt, Sampler,
-                        SampleSteps, require_choice, require_int, require_sample_steps, require_unit_interval)
+from ..settings import (AtLeastTwoInt, ClosedUnitInterval, NonNegativeInt, PositiveInt, Sampler, SampleSteps,
+                        check_args)
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
-REFERENCE_SPLITS = ("train", "val")
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 _SAMPLE_STREAM = 7  # the last key of the sample generator, apart from the other seeded streams
 
@@ -56,12 +60,12 @@ class FID(Callback):
     The reference statistics (the metric's ``real_features_*`` sums) are loaded or computed in
     ``setup`` (``fit`` and ``validate``), before the first training step, so that a missing or
     unreadable reference split, an unwritable ``cache_dir`` or a slow first pass shows at the start
-    of a run and not at its first FID validation. They come from the data module's ``train_set`` or
-    ``val_set`` (whose images are never flipped: random flips are the training loader's) and are
+    of a run and not at its first FID validation. They come from the data module's
+    ``reference(split)`` (images never flipped: random flips are the training loader's) and are
     saved to ``{cache_dir}/fid_ref_{DataModule}_{split}_{hash}.pt`` (plain tensors and the key as a
     JSON string, written atomically and fsynced, read back with ``weights_only=True``); the hash
-    covers the data module class, its root/path settings and split seed, the split and its size, the
-    image shape, the file list of a dataset of files, and the feature extractor, so later runs on the
+    covers the reference's key (the data module class, its data settings, the split and its size,
+    the image shape, the file list of a dataset of files) and the feature extractor, so later runs on the
     same data load the file instead (rank 0 reads it; no image is read). The metric keeps them across
     ``reset()`` (``reset_real_features=False``).
 
@@ -108,14 +112,7 @@ class FID(Callback):
         cache_dir: str | None = None,
         seed: NonNegativeInt = 0,
     ):
-        require_int("FID num_samples", num_samples, 2, " (a covariance needs two samples)")
-        require_int("FID every_n_val_epochs", every_n_val_epochs, 1)
-        require_sample_steps("FID sample_steps", sample_steps)
-        require_choice("FID sampler", sampler, SAMPLERS)
-        require_unit_interval("FID eta", eta)
-        require_int("FID batch_size", batch_size, 1)
-        require_choice("FID reference_split", reference_split, REFERENCE_SPLITS)
-        require_int("FID seed", seed, 0)
+        check_args("FID ", FID.__init__, locals())
         self.num_samples, self.every_n_val_epochs = num_samples, every_n_val_epochs
         self.sample_steps, self.sampler, self.eta = sample_steps, sampler, eta
         self.batch_size, self.reference_split = batch_size, reference_split
@@ -182,11 +179,11 @@ class FID(Callback):
             return
         if self.sample_steps is not None and hasattr(pl_module, "respaced"):
             pl_module.respaced(self.sample_steps)  # a respacing T can't meet fails now, not after training
-        dm, name = trainer.datamodule, f"{self.reference_split}_set"
-        if getattr(dm, name, None) is None:
+        dm = trainer.datamodule
+        if not callable(getattr(dm, "reference", None)):
             raise ConfigError(
-                f"FID reference_split={self.reference_split!r} needs a data module with a {name} after setup, "
-                f"but {'the trainer has no data module' if dm is None else type(dm).__name__ + ' has none'}; "
+                f"FID reference_split={self.reference_split!r} needs a data module that gives its reference images "
+                f"(reference(split)), but {'the trainer has no data module' if dm is None else type(dm).__name__ + ' has none'}; "
                 f"pass one of iddpm_lightning.data's data modules as the data (datamodule=...)"
             )
         if self._reference_of is not None and self._reference_of is not dm:
@@ -235,48 +232,20 @@ class FID(Callback):
         self.metric.reset()  # drops the samples' features, keeps the reference (reset_real_features=False)
         return value
 
-    def _reference_dataset(self, trainer: Trainer) -> Dataset:
-        return getattr(trainer.datamodule, f"{self.reference_split}_set")
-
-    def _cache_key(self, trainer: Trainer) -> dict[str, Any]:
-        """What the reference statistics depend on: the data (module class, its root/path settings,
-        split seed, split, length, image shape, and the file list of a dataset of files) and the
-        feature extractor."""
-        dm = trainer.datamodule
-        dataset = self._reference_dataset(trainer)
-        paths = {k: str(Path(v).expanduser().resolve()) for k, v in sorted(vars(dm).items())
-                 if isinstance(v, (str, os.PathLike)) and k.endswith(("root", "path", "dir"))}
-        key = {
-            "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}",
-            "paths": paths,
-            "split_seed": getattr(dm, "split_seed", None),
-            "split": self.reference_split,
-            "length": len(dataset),
-            "image_shape": self._image_shape(dm, dataset),
-            "extractor": self.extractor_id,
-        }
-        files = getattr(dataset, "files", None)
-        if isinstance(files, (list, tuple)):
-            key["files_sha256"] = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()
-        return key
-
-    @staticmethod
-    def _image_shape(dm, dataset: Dataset) -> list[int]:
-        if isinstance(getattr(dm, "image_size", None), int) and isinstance(getattr(dm, "channels", None), int):
-            return [dm.channels, dm.image_size, dm.image_size]
-        return list(dataset[0][0].shape)
+    def _reference(self, trainer: Trainer) -> Reference:
+        return trainer.datamodule.reference(self.reference_split)
 
     def reference_cache_file(self, trainer: Trainer) -> Path:
         """Where the reference statistics of this data, split and feature extractor are cached."""
-        return self._cache_file(trainer, self._cache_key(trainer))
+        return self._cache_file(trainer, self._reference(trainer))
 
-    def _cache_file(self, trainer: Trainer, key: dict[str, Any]) -> Path:
+    def _cache_file(self, trainer: Trainer, reference: Reference) -> Path:
+        key = {**reference.key, "extractor": self.extractor_id}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         if self.cache_dir is not None:
             folder = Path(self.cache_dir).expanduser()
         else:
-            root = getattr(trainer.datamodule, "root", None)
-            folder = Path(root if root is not None else trainer.default_root_dir).expanduser() / "fid_stats"
+            folder = Path(reference.root or trainer.default_root_dir).expanduser() / "fid_stats"
         return folder / f"fid_ref_{type(trainer.datamodule).__name__}_{self.reference_split}_{digest}.pt"
 
     # -------------------------------------------------------- the reference
@@ -285,18 +254,18 @@ class FID(Callback):
         """Fill the metric's real_features_* on rank 0 (zeros elsewhere) from the cache, or from one
         pass over the reference split shared by all ranks; every failure is a ConfigError raised on
         every rank at once (a rank that raised alone would leave the others waiting in a collective)."""
-        dataset = self._reference_dataset(trainer)
-        where = f"{type(trainer.datamodule).__name__}'s {self.reference_split}_set"
+        where = f"{type(trainer.datamodule).__name__}'s {self.reference_split} split"
         error = None
         try:
-            n = len(dataset)
+            reference = self._reference(trainer)
+            dataset, n = reference.dataset, len(reference.dataset)
             if n == 0:
                 error = (f"FID reference_split={self.reference_split!r} is empty ({where} has no images); point the "
                          f"data settings (data.root, data.val_size) at data with images, or set reference_split to "
                          f"the other split")
             else:
-                key_dict = self._cache_key(trainer)
-                path, key = self._cache_file(trainer, key_dict), json.dumps(key_dict, sort_keys=True)
+                path = self._cache_file(trainer, reference)
+                key = json.dumps({**reference.key, "extractor": self.extractor_id}, sort_keys=True)
         except Exception as err:
             error = self._unreadable(where, err)
         self._agree(trainer, error)
@@ -322,7 +291,7 @@ class FID(Callback):
         error = None
         try:
             shard = dataset if world == 1 else Subset(dataset, range(rank, n, world))
-            self._update_real(shard, device, getattr(trainer.datamodule, "num_workers", 0))
+            self._update_real(shard, device, trainer.datamodule.num_workers)
         except Exception as err:
             error = self._unreadable(where, err)
         if world > 1:

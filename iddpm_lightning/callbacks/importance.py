@@ -1,10 +1,11 @@
 """Importance-sampled L_vlb (§3.3): a Callback that keeps the loss history of every
 timestep, identical on every rank, and samples t from it.
 
-Per step: the module asks this callback for ``(t, weights)``; after the step, the
-callback gathers every rank's ``timesteps`` and unweighted ``losses`` with ONE
-``all_gather`` and appends them, in rank order, to the history. Every rank applies the
-same update to the same data, so all ranks hold the same distribution.
+Per step the module draws ``(t, weights)`` from its own ``timestep_sampler``; after the
+step this callback gathers every rank's ``timesteps`` and unweighted ``losses`` (the step's
+outputs) with ONE ``all_gather``, appends them, in rank order, to the history, and hands the
+new p_t to the module's sampler (``set_probs``). Every rank applies the same update to the
+same data, so all ranks hold the same distribution.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ..diffusion.resample import LossSecondMomentResampler
 from ..errors import ConfigError
-from ._settings import ClosedUnitInterval, NonNegativeInt, PositiveInt, require_int, require_unit_interval
+from ..settings import ClosedUnitInterval, NonNegativeInt, PositiveInt, check_args
 
 
 class ImportanceSampler(Callback):
@@ -38,9 +39,7 @@ class ImportanceSampler(Callback):
         uniform_prob: ClosedUnitInterval = 0.001,
         plot_every_n_steps: NonNegativeInt = 0,
     ):
-        require_int("ImportanceSampler history_per_term", history_per_term, 1)
-        require_unit_interval("ImportanceSampler uniform_prob", uniform_prob)
-        require_int("ImportanceSampler plot_every_n_steps", plot_every_n_steps, 0)
+        check_args("ImportanceSampler ", ImportanceSampler.__init__, locals())
         self.history_per_term = history_per_term
         self.uniform_prob = uniform_prob
         self.plot_every_n_steps = plot_every_n_steps
@@ -56,11 +55,15 @@ class ImportanceSampler(Callback):
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
-        pl_module.timestep_sampler = self  # the module never imports this callback
+        pl_module.timestep_sampler.set_probs(self.resampler.probs())  # uniform until every t has its history
 
-    def sample(self, batch_size: int, device, generator: torch.Generator | None = None):
-        """(t [B], weights [B]) for the module's training step."""
-        return self.resampler.sample(batch_size, device, generator)
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The history lives where the losses are (restored from a checkpoint on the CPU): updates need no sync.
+        self.resampler.to(pl_module.device)
+        pl_module.timestep_sampler.set_probs(self.resampler.probs())
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pl_module.timestep_sampler.set_probs(None)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
         t, losses = outputs["timesteps"], outputs["losses"]
@@ -73,6 +76,7 @@ class ImportanceSampler(Callback):
         gathered = trainer.strategy.all_gather(local).reshape(-1, 2)  # (world · capacity, 2), rank-major
         valid = gathered[:, 0] >= 0
         self.resampler.update(gathered[valid, 0].long(), gathered[valid, 1])
+        pl_module.timestep_sampler.set_probs(self.resampler.probs())
         self._log(pl_module)
         if self.plot_every_n_steps and trainer.global_step % self.plot_every_n_steps == 0:
             self._plot(trainer)

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..errors import ConfigError
 from ..rng import seeded_generator
-from ._settings import NonNegativeInt, PositiveInt, require_int
+from ..settings import NonNegativeInt, PositiveInt, check_args
 
 # The values are reduced across ranks before they are logged (sync_dist=False on purpose),
 # so Lightning's DDP advice to log them with sync_dist=True does not apply to them.
@@ -61,12 +61,7 @@ class BitsPerDim(Callback):
         exact: bool = False,
         seed: NonNegativeInt = 0,
     ):
-        for name, value in (("num_images", num_images), ("num_strata", num_strata),
-                            ("every_n_val_epochs", every_n_val_epochs)):
-            require_int(f"BitsPerDim {name}", value, 1)
-        if not isinstance(exact, bool):
-            raise ConfigError(f"BitsPerDim exact={exact!r} must be true or false; set it to one of them")
-        require_int("BitsPerDim seed", seed, 0)
+        check_args("BitsPerDim ", BitsPerDim.__init__, locals())
         self.num_images = num_images
         self.num_strata = num_strata
         self.every_n_val_epochs = every_n_val_epochs
@@ -122,7 +117,7 @@ class BitsPerDim(Callback):
                     break
                 x_start = x_start[: per_rank - count].to(device)
                 model = pl_module.model_fn(unet, labels[: len(x_start)].to(device))
-                max_batch = pl_module.hparams.get("bpd_batch_size")
+                max_batch = pl_module.bpd_batch_size
                 if self.exact:
                     out = diffusion.calc_bpd_loop(model, x_start, generator=g, max_batch=max_batch)
                 else:

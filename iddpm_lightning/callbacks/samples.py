@@ -11,8 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
-from ._settings import (SAMPLERS, NonNegativeInt, PositiveInt, Sampler, SampleSteps, require_choice, require_int,
-                        require_sample_steps)
+from ..settings import NonNegativeInt, PositiveInt, Sampler, SampleSteps, check_args
 
 
 class SampleGrid(Callback):
@@ -36,11 +35,7 @@ class SampleGrid(Callback):
         sampler: Sampler = "ddpm",
         seed: NonNegativeInt = 0,
     ):
-        require_int("SampleGrid every_n_steps", every_n_steps, 1)
-        require_int("SampleGrid num_samples", num_samples, 1)
-        require_sample_steps("SampleGrid sample_steps", sample_steps)
-        require_choice("SampleGrid sampler", sampler, SAMPLERS)
-        require_int("SampleGrid seed", seed, 0)
+        check_args("SampleGrid ", SampleGrid.__init__, locals())
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.sample_steps = sample_steps

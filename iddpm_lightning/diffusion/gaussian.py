@@ -1,6 +1,10 @@
 """GaussianDiffusion: the forward process, the learned reverse process, its losses,
 exact bits/dim and the samplers of Improved DDPM (Nichol & Dhariwal 2021).
 
+(Over 300 lines on purpose: the paper's mathematics in one class, read top to bottom in the
+order of its sections, as the paper's own ``gaussian_diffusion.py``; every method states the
+equation it implements.)
+
 Notation (0-based index t, the paper's step t + 1; see schedules.py):
     α_t = 1 − β_t,   ᾱ_t = Π_{s≤t} α_s,   ᾱ_{-1} = 1
     q(x_t | x_0)          = N(√ᾱ_t x_0, (1 − ᾱ_t) I)                 (§2.1)

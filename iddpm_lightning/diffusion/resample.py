@@ -23,6 +23,40 @@ class UniformSampler:
         return t, torch.ones(batch_size, device=device)
 
 
+class TimestepSampler:
+    """The training step's sampler of t: uniform (exactly ``UniformSampler``) until it is given a
+    distribution p_t with ``set_probs``, then t ~ p_t with weight 1 / (T p_t).
+
+    The module owns it and only asks it for ``(t, weights)``; a callback that learns p_t (the
+    importance sampler) hands each new distribution to it, and ``set_probs(None)`` returns to
+    uniform. It holds no state worth saving: whoever computes p_t checkpoints what p_t comes from.
+    """
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = num_timesteps
+        self.probs: torch.Tensor | None = None  # [T] float64, or None for uniform
+
+    def set_probs(self, probs: torch.Tensor | None) -> None:
+        if probs is not None and probs.shape != (self.num_timesteps,):
+            raise ValueError(f"p_t has shape {tuple(probs.shape)}, not ({self.num_timesteps},)")
+        self.probs = probs
+
+    def sample(
+        self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t [B] long, weights [B] float32) on ``device``."""
+        if self.probs is None:
+            return UniformSampler(self.num_timesteps).sample(batch_size, device, generator)
+        return sample_from(self.probs.to(device), batch_size, generator)
+
+
+def sample_from(p: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
+    """t ~ p (p [T] float64) with weights 1 / (T p_t): (t [B] long, weights [B] float32)."""
+    t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+    weights = 1.0 / (len(p) * p[t])
+    return t, weights.float()
+
+
 class LossSecondMomentResampler:
     """Importance sampling of t for L_vlb (the paper's eq. 18, §3.3).
 
@@ -88,10 +122,7 @@ class LossSecondMomentResampler:
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(t [B] long, weights [B] float32 = 1 / (T p_t)) on ``device``."""
-        p = self.to(device).probs()
-        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
-        weights = 1.0 / (self.num_timesteps * p[t])
-        return t, weights.float()
+        return sample_from(self.to(device).probs(), batch_size, generator)
 
     def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
         """Append ``losses`` [N] at ``timesteps`` [N] to the histories, in order.

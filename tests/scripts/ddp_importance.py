@@ -15,6 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from iddpm_lightning.callbacks import ImportanceSampler
 from iddpm_lightning.module import IDDPM
+from iddpm_lightning.unet import UNetConfig
+
+TINY_UNET = UNetConfig([32], 1, [], 8)
 
 STEPS, BATCH = 6, 8
 
@@ -39,8 +42,7 @@ class Recorder(Callback):
 
 
 def main(out_dir: Path) -> None:
-    model = IDDPM(image_size=8, in_channels=1, block_out_channels=[32], layers_per_block=1,
-                  attention_resolutions=[], attention_head_dim=8, timesteps=12, loss_type="vlb")
+    model = IDDPM(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=12, loss_type="vlb")
     sampler, recorder = ImportanceSampler(history_per_term=3), Recorder()
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS, use_distributed_sampler=False,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -1,0 +1,45 @@
+"""How the CLI wires settings, in-process (no subprocess, no training): one seed for every
+random stream, and the refusal of a checkpoint in an older hyperparameter layout."""
+
+from __future__ import annotations
+
+import torch
+
+from iddpm_lightning.cli import IDDPMCLI
+from iddpm_lightning.compat import upgrade_hparams
+
+from .conftest import TINY
+
+OLD_HPARAMS = {"image_size": 8, "in_channels": 1, "block_out_channels": [32], "layers_per_block": 1,
+               "attention_resolutions": [], "attention_head_dim": 8, "dropout": 0.1, "timesteps": 100,
+               "loss_type": "vlb", "bpd_batch_size": 64, "compile": False}
+
+
+def test_one_seed_keys_the_model_and_the_data(tmp_path, digits_config, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = IDDPMCLI(args=["--config", digits_config, "--seed_everything=5", *TINY], run=False)
+    assert cli.model.hparams.seed == 5 and cli.datamodule.seed == 5
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # the first run's seed_everything exported 5
+    cli = IDDPMCLI(args=["--config", digits_config, "--seed_everything=true", *TINY], run=False)
+    seed = cli.config.seed_everything  # drawn once and written back: the saved config reproduces the run
+    assert type(seed) is int and cli.model.hparams.seed == seed == cli.datamodule.seed
+
+
+def test_a_checkpoint_of_the_flat_layout_is_refused_with_the_way_out(tmp_path, digits_config, run_main):
+    old = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": OLD_HPARAMS, "state_dict": {}, "seed": 3}, old)
+    code, err = run_main(["test", "--config", digits_config, f"--run_dir={tmp_path / 'run'}", f"--ckpt_path={old}"],
+                         cwd=tmp_path)
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "written by iddpm_lightning 0.1" in line and "upgrade_checkpoint" in line, err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_upgrade_nests_the_unet_drops_the_runtime_keys_and_keeps_the_seed():
+    new = upgrade_hparams(OLD_HPARAMS, seed=3)
+    assert new["unet"] == {"block_out_channels": [32], "layers_per_block": 1, "attention_resolutions": [],
+                           "attention_head_dim": 8, "dropout": 0.1}
+    assert new["seed"] == 3 and not {"bpd_batch_size", "compile", "block_out_channels"} & set(new)
+    assert {k: v for k, v in new.items() if k not in ("unet", "seed")} == \
+        {k: OLD_HPARAMS[k] for k in ("image_size", "in_channels", "timesteps", "loss_type")}
+    assert upgrade_hparams(new) == new  # today's layout is left as it is
