@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import build_model, images, peak_rss_gb, report, sync
-from iddpm_lightning.callbacks import ImportanceSampler
+from iddpm_lightning.callbacks import ImportanceSampler, NonFiniteGuard
 from iddpm_lightning.data import DigitsDataModule
 
 
@@ -49,7 +49,8 @@ class StepClock(Callback):
 def lightning_round(model, loader, steps: int, precision: str, accelerator: str, log_dir: str) -> list[float]:
     clock = StepClock()
     trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision,
-                      callbacks=[ImportanceSampler(), clock], logger=TensorBoardLogger(log_dir, name="", version=""),
+                      callbacks=[ImportanceSampler(), NonFiniteGuard(), clock],  # the guard: as the CLI adds it
+                      logger=TensorBoardLogger(log_dir, name="", version=""),
                       log_every_n_steps=10, limit_val_batches=0, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, train_dataloaders=loader)

@@ -24,10 +24,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from .callbacks import BpdReport, NonFiniteGuard, SampleWriter
 from .checkpointing import DurableCheckpointIO, GracefulStop, latest_checkpoint, read_checkpoint
-from .compat import check_compatible, plain, require_current_layout
+from .compat import RUNTIME, check_compatible, flat, plain, require_current_layout
 from .errors import ConfigError, NonFiniteLossError, StopRequested
-from .rng import check_seed, stream_seed
-from .module import IDDPM, RUNTIME
+from .rng import check_seed, random_seed, stream_seed
+from .module import IDDPM
 from .sampling import Sampling
 from .settings import check_precision
 
@@ -128,8 +128,8 @@ class IDDPMCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
         check_seed(cfg.get("seed_everything"))
-        if cfg.get("seed_everything") is True:  # a random seed, drawn once (in the link) for every stream
-            cfg.seed_everything = cfg.model.seed
+        if cfg.get("seed_everything") is True:  # a random seed, drawn once for every stream and rank
+            cfg.seed_everything = cfg.model.seed = cfg.data.init_args.seed = random_seed()
         self._ckpt_hparams = {}
         if not sub:
             return
@@ -236,21 +236,13 @@ def _warn_unused_model_settings(configured, saved: dict) -> None:
     with the checkpoint's value (all but the runtime ones), so that none is dropped silently."""
     # the data's shape (check_compatible checks it) and the seed (fit says so) are not the config's to set
     linked = ("image_size", "in_channels", "num_classes", "seed")
-    configured = _flat(configured.as_dict() if configured is not None else {})
-    differ = [f"model.{k}={configured[k]!r} (the checkpoint's: {v!r})" for k, v in _flat(saved).items()
+    configured = flat(configured.as_dict() if configured is not None else {})
+    differ = [f"model.{k}={configured[k]!r} (the checkpoint's: {v!r})" for k, v in flat(saved).items()
               if k in configured and k not in linked and plain(configured[k]) != plain(v)]
     if differ:
         print(f"warning: --ckpt_path rebuilds the model from the checkpoint's settings, so these configured values "
               f"are NOT used: {', '.join(differ)}; only {', '.join('model.' + k for k in RUNTIME)} come from the "
               f"config and command line", file=sys.stderr)
-
-
-def _flat(settings: dict, prefix: str = "") -> dict:
-    """``{"unet": {"dropout": 0.1}}`` as ``{"unet.dropout": 0.1}``."""
-    flat = {}
-    for k, v in settings.items():
-        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return flat
 
 
 def _config_error(e: BaseException) -> ConfigError | None:

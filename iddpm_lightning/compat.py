@@ -15,9 +15,14 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-# What a model is: a checkpoint with other values cannot load into it.
+# What a model is: a checkpoint with other values cannot load into it (dropout and the
+# attention heads can change, e.g. to fine-tune: the weights keep their shapes).
 STRUCTURE = ("in_channels", "image_size", "class_cond", "num_classes", "timesteps", "noise_schedule",
-             "model_var_type", "unet")
+             "model_var_type", "unet.block_out_channels", "unet.layers_per_block", "unet.attention_resolutions")
+
+# How to run a model, not what it is: not saved with the hyperparameters, so a checkpoint
+# never overrides them (``--ckpt_path`` takes them from the config and command line).
+RUNTIME = ("eval_with_ema", "bpd_batch_size", "channels_last", "compile")
 
 # The flat UNet keys of checkpoints written before UNetConfig (iddpm_lightning 0.1).
 _FLAT_UNET_KEYS = ("block_out_channels", "layers_per_block", "attention_resolutions", "attention_head_dim", "dropout")
@@ -46,14 +51,23 @@ def plain(value):
 def check_compatible(saved: dict, hparams: dict) -> None:
     """Raise a ConfigError naming every structural setting in which a checkpoint's
     hyperparameters ``saved`` differ from the model's ``hparams``."""
+    saved, hparams = flat(plain(dict(saved))), flat(plain(dict(hparams)))
     differ = [f"{k}={saved[k]!r} (here {hparams[k]!r})" for k in STRUCTURE
-              if k in saved and k in hparams and plain(saved[k]) != plain(hparams[k])
+              if k in saved and k in hparams and saved[k] != hparams[k]
               and (k != "num_classes" or hparams.get("class_cond"))]
     if differ:
         raise ConfigError(
             f"the checkpoint was trained with {', '.join(differ)}; in_channels, image_size and num_classes "
             f"follow the data, so use the data (and config) the checkpoint was trained with"
         )
+
+
+def flat(settings: dict, prefix: str = "") -> dict:
+    """``{"unet": {"dropout": 0.1}}`` as ``{"unet.dropout": 0.1}``."""
+    out = {}
+    for k, v in settings.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def require_current_layout(path, hparams: dict) -> None:
@@ -72,7 +86,7 @@ def upgrade_hparams(hparams: dict, seed: int | None = None) -> dict:
     unet = {k: hparams.pop(k) for k in _FLAT_UNET_KEYS if k in hparams}
     if unet:
         hparams["unet"] = unet
-    for key in ("eval_with_ema", "bpd_batch_size", "channels_last", "compile"):
+    for key in RUNTIME:
         hparams.pop(key, None)
     if seed is not None:
         hparams.setdefault("seed", seed)

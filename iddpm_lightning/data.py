@@ -76,7 +76,7 @@ class Reference:
 
     dataset: Dataset  # (x, y) pairs, never flipped
     key: dict  # what the statistics depend on: the data module, its data settings, the split
-    root: Optional[str]  # the folder the data is read from (None: embedded data)
+    root: Optional[str]  # the folder its statistics are cached in by default (None: the run directory)
 
 
 class _BaseDataModule(LightningDataModule):
@@ -87,7 +87,7 @@ class _BaseDataModule(LightningDataModule):
     channels: int
     num_classes: int
     random_flip: bool = False  # training images only; drawn by the sampler
-    root: Optional[str] = None  # the folder the data is read from, if any
+    stats_root: Optional[str] = None  # where statistics of the data are cached by default (None: the run dir)
 
     def __init__(
         self,
@@ -135,7 +135,7 @@ class _BaseDataModule(LightningDataModule):
                "length": len(dataset), "image_shape": [self.channels, self.image_size, self.image_size]}
         if isinstance(dataset, _ImageFiles):
             key["files_sha256"] = hashlib.sha256("\n".join(map(str, dataset.files)).encode()).hexdigest()
-        return Reference(dataset, key, self.root)
+        return Reference(dataset, key, self.stats_root)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is None:
@@ -280,6 +280,7 @@ class CIFAR10DataModule(_BaseDataModule):
         check_args("data.", CIFAR10DataModule.__init__, {"download": download, "random_flip": random_flip,
                                                          "val_size": val_size, "split_seed": split_seed})
         self.root, self.download, self.random_flip = root, download, random_flip
+        self.stats_root = root  # next to the dataset, which several runs share
         self.val_size, self.split_seed = val_size, split_seed
         self.image_size, self.channels, self.num_classes = 32, 3, 10
         if not download:

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from .compat import check_compatible, plain
+from .compat import RUNTIME, check_compatible, plain
 from .diffusion import GaussianDiffusion, get_named_beta_schedule
 from .diffusion.resample import TimestepSampler, UniformSampler
 from .errors import ConfigError
@@ -28,14 +28,11 @@ from .settings import (LossType, NoiseSchedule, NonNegativeFloat, NonNegativeInt
                        Sampler, SampleSteps, UnitIntervalOpenRight, VarianceType, check_args, check_precision)
 from .unet import UNetConfig, build_unet
 
-__all__ = ["IDDPM", "RUNTIME"]
+__all__ = ["IDDPM"]
 
-# How to run a model, not what it is: not saved with the hyperparameters, so a checkpoint
-# never overrides them (``--ckpt_path`` takes them from the config and command line).
-RUNTIME = ("eval_with_ema", "bpd_batch_size", "channels_last", "compile")
-
-# Stream numbers of the keyed generators, apart from each other and from the callbacks'.
-_TRAIN, _DROPOUT, _VAL, _TEST = 0, 1, 10**9, 2 * 10**9
+# Keys of the seeded streams: a training step's dropout is (seed, rank, batch, 1), validation's and
+# test's batch numbers are offset, apart from training's and from each other.
+_DROPOUT, _VAL, _TEST = 1, 10**9, 2 * 10**9
 
 
 class IDDPM(LightningModule):
@@ -175,12 +172,13 @@ class IDDPM(LightningModule):
         return t, weights, terms
 
     def training_step(self, batch, batch_idx: int):
-        # Everything random in this step is keyed by (seed, rank, epoch, batch): t, ε and dropout.
-        # Ranks differ; a resumed run draws exactly what the uninterrupted one would have.
-        key = (self.hparams.seed, self.global_rank, self.current_epoch, batch_idx)
+        # Everything random in this step is keyed by (seed, rank, batch number over the epochs): t,
+        # ε and dropout. Ranks differ; a resumed run draws exactly what the uninterrupted one would.
+        epoch = self.current_epoch
+        number = batch_idx + (epoch * self.trainer.num_training_batches if epoch else 0)  # every epoch is whole
+        key = (self.hparams.seed, self.global_rank, number)
         with global_rng_seeded(self.device, *key, _DROPOUT):  # dropout draws from the global generator
-            t, weights, terms = self._step(self.unet, batch, self.timestep_sampler,
-                                           seeded_generator(self.device, *key, _TRAIN))
+            t, weights, terms = self._step(self.unet, batch, self.timestep_sampler, seeded_generator(self.device, *key))
         loss = (terms["loss"] * weights).mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mse", terms["mse"].mean())

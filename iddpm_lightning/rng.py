@@ -3,7 +3,8 @@
 Every random draw of training (t, ε, dropout, the data order and flips) comes from a
 generator seeded by a tuple such as (seed, rank, batch number): ranks differ (a global
 seed alone would give every GPU the same t and ε), and a run resumed at any step draws
-exactly what the uninterrupted run would have.
+exactly what the uninterrupted run would have. The seed is an explicit setting
+(``model.seed``, ``data.seed``), which the CLI links from ``seed_everything``.
 """
 
 from __future__ import annotations
@@ -43,22 +44,27 @@ def global_rng_seeded(device: torch.device, *key: int) -> Iterator[None]:
 
 
 def stream_seed(seed_everything) -> int:
-    """``model.seed`` and ``data.seed`` from ``seed_everything``: true draws one at random (the CLI
-    writes it back, so the saved config holds it); an invalid value is refused by ``check_seed``."""
-    if seed_everything is True:
-        # One random seed for both links and every rank: drawn once and passed on the way Lightning
-        # passes its own (PL_GLOBAL_SEED, which the ranks DDP launches inherit, and seed_everything reads).
-        if "PL_GLOBAL_SEED" not in os.environ:
-            os.environ["PL_GLOBAL_SEED"] = str(int(np.random.SeedSequence().generate_state(1)[0]))
-        return int(os.environ["PL_GLOBAL_SEED"])
+    """``model.seed`` and ``data.seed`` from ``seed_everything``: an integer as it is; false keys
+    the streams with 0 (Lightning then seeds nothing else); true is resolved by the CLI
+    (``random_seed``), which writes the drawn seed back into all three. An integer out of range
+    is refused by ``check_seed``."""
     valid = isinstance(seed_everything, int) and not isinstance(seed_everything, bool) and seed_everything >= 0
     return int(seed_everything) if valid and seed_everything <= MAX_SEED else 0
 
 
+def random_seed() -> int:
+    """``seed_everything: true``: a seed drawn at random, the same on every rank. Lightning's DDP
+    launcher hands rank 0's seed to the ranks it starts in PL_GLOBAL_SEED; under an external
+    launcher (torchrun, srun) every rank would draw its own, so that is refused."""
+    if os.environ.get("LOCAL_RANK") is not None:  # a rank started by a launcher
+        if "PL_GLOBAL_SEED" not in os.environ:
+            raise ConfigError("seed_everything=true would draw another seed on every rank of this multi-process "
+                              "launch (torchrun, srun); set seed_everything to an integer")
+        return int(os.environ["PL_GLOBAL_SEED"])
+    return int(np.random.SeedSequence().generate_state(1)[0])
+
+
 def check_seed(seed) -> None:
-    if seed is False or seed is None:
-        raise ConfigError("seed_everything=false leaves the run without a seed, but every random stream of training "
-                          "is keyed by it; set an integer (e.g. 0), or true for a random one")
-    if not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"seed_everything={seed} must be in [0, {MAX_SEED}] (numpy's seeds), or true for "
                           f"a random seed; set a non-negative seed")

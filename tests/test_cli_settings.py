@@ -1,14 +1,17 @@
-"""How the CLI wires settings, in-process (no subprocess, no training): one seed for every
-random stream, and the refusal of a checkpoint in an older hyperparameter layout."""
+"""How settings are wired, in-process (no subprocess, no training): one seed for every random
+stream, and which checkpoints a model accepts (structure, the older hyperparameter layout)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from iddpm_lightning.cli import IDDPMCLI
-from iddpm_lightning.compat import upgrade_hparams
+from iddpm_lightning.compat import check_compatible, upgrade_hparams
+from iddpm_lightning.errors import ConfigError
+from iddpm_lightning.module import IDDPM
 
-from .conftest import TINY
+from .conftest import TINY, TINY_UNET
 
 OLD_HPARAMS = {"image_size": 8, "in_channels": 1, "block_out_channels": [32], "layers_per_block": 1,
                "attention_resolutions": [], "attention_head_dim": 8, "dropout": 0.1, "timesteps": 100,
@@ -19,7 +22,6 @@ def test_one_seed_keys_the_model_and_the_data(tmp_path, digits_config, monkeypat
     monkeypatch.chdir(tmp_path)
     cli = IDDPMCLI(args=["--config", digits_config, "--seed_everything=5", *TINY], run=False)
     assert cli.model.hparams.seed == 5 and cli.datamodule.seed == 5
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # the first run's seed_everything exported 5
     cli = IDDPMCLI(args=["--config", digits_config, "--seed_everything=true", *TINY], run=False)
     seed = cli.config.seed_everything  # drawn once and written back: the saved config reproduces the run
     assert type(seed) is int and cli.model.hparams.seed == seed == cli.datamodule.seed
@@ -43,3 +45,36 @@ def test_upgrade_nests_the_unet_drops_the_runtime_keys_and_keeps_the_seed():
     assert {k: v for k, v in new.items() if k not in ("unet", "seed")} == \
         {k: OLD_HPARAMS[k] for k in ("image_size", "in_channels", "timesteps", "loss_type")}
     assert upgrade_hparams(new) == new  # today's layout is left as it is
+
+
+def test_a_checkpoint_of_another_structure_is_refused_and_dropout_may_change():
+    model = IDDPM(unet=TINY_UNET, image_size=8, in_channels=1, timesteps=20)
+    saved = dict(model.hparams)
+    check_compatible({**saved, "unet": {**saved["unet"], "dropout": 0.3}, "lr": 1.0}, model.hparams)  # fine-tuning
+    wider = {**saved, "unet": {**saved["unet"], "block_out_channels": [64]}, "image_size": 16}
+    with pytest.raises(ConfigError, match=r"image_size=16 \(here 8\), unet.block_out_channels=\[64\] \(here \[32\]\)"):
+        check_compatible(wider, model.hparams)
+
+
+def test_help_shows_the_type_of_every_model_data_and_sampling_setting(digits_config, capsys, monkeypatch, tmp_path):
+    from iddpm_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", digits_config, "--help"])
+    entries, current = {}, None
+    for line in capsys.readouterr().out.splitlines():  # an entry: "  --key ARG" and its indented help lines
+        if line.startswith("  --"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current is not None and line.startswith("      "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    settings = {k: v for k, v in entries.items() if k.startswith(("--model.", "--sampling.", "--data.init_args."))
+                and not k.endswith(".help") and not v.split()[1:2] == ["CONFIG"]}
+    assert len(settings) > 25
+    for key, entry in settings.items():
+        assert "(type: " in entry and "type: Any" not in entry, entry
+    assert "{cosine,linear}" in settings["--model.noise_schedule"]
+    assert "type: UnitIntervalOpenRight" in settings["--model.unet.dropout"]

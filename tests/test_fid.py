@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,7 @@ from iddpm_lightning.data import DigitsDataModule, to_model_range
 from iddpm_lightning.errors import ConfigError
 from iddpm_lightning.module import IDDPM
 from iddpm_lightning.rng import seeded_generator
-
-from .conftest import TINY_UNET
+from tests.conftest import REPO, TINY_UNET  # absolute: this file also runs as the DDP script
 
 THIS = Path(__file__).resolve()
 
@@ -426,7 +426,8 @@ def test_no_data_module_fails_in_setup(tmp_path):
 
 
 def run_ddp_script(out_dir: Path, mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(THIS), str(out_dir), mode], cwd=out_dir,
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, str(THIS), str(out_dir), mode], cwd=out_dir, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -239,9 +239,12 @@ class FID(Callback):
         """Where the reference statistics of this data, split and feature extractor are cached."""
         return self._cache_file(trainer, self._reference(trainer))
 
+    def _cache_key(self, reference: Reference) -> str:
+        """What the statistics depend on, as the JSON the cache file holds: the data's key and the extractor."""
+        return json.dumps({**reference.key, "extractor": self.extractor_id}, sort_keys=True)
+
     def _cache_file(self, trainer: Trainer, reference: Reference) -> Path:
-        key = {**reference.key, "extractor": self.extractor_id}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(self._cache_key(reference).encode()).hexdigest()[:12]
         if self.cache_dir is not None:
             folder = Path(self.cache_dir).expanduser()
         else:
@@ -265,7 +268,7 @@ class FID(Callback):
                          f"the other split")
             else:
                 path = self._cache_file(trainer, reference)
-                key = json.dumps({**reference.key, "extractor": self.extractor_id}, sort_keys=True)
+                key = self._cache_key(reference)
         except Exception as err:
             error = self._unreadable(where, err)
         self._agree(trainer, error)
@@ -291,7 +294,7 @@ class FID(Callback):
         error = None
         try:
             shard = dataset if world == 1 else Subset(dataset, range(rank, n, world))
-            self._update_real(shard, device, trainer.datamodule.num_workers)
+            self._update_real(shard, device, getattr(trainer.datamodule, "num_workers", 0))
         except Exception as err:
             error = self._unreadable(where, err)
         if world > 1:
