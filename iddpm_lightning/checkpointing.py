@@ -166,7 +166,7 @@ class GracefulStop(Callback):
             ckpt.last_model_path = str(path)
             # and as saved, so that its on_train_end does not overwrite it with a later state
             ckpt._last_checkpoint_saved = str(path)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume from
         self._saved_step = trainer.global_step
 
     @staticmethod

@@ -1,5 +1,4 @@
 """IDDPM: a thin LightningModule over a diffusers UNet and ``GaussianDiffusion``.
-(About 300 lines, half of them the docstrings of its settings and steps.)
 
 One training step: draw ``(t, weights)`` from the module's ``timestep_sampler`` (uniform until
 a callback such as the importance sampler gives it a distribution), compute the per-sample
@@ -8,6 +7,8 @@ optimizer step, move the exponential moving average of the UNet (``ema_unet``, p
 module, so part of every checkpoint). Validation, test and sampling use the EMA weights unless
 ``eval_with_ema`` is false. What is written around the steps lives in callbacks: the test
 report (``callbacks/report.py``), sample grids, FID and bits/dim during validation.
+
+(About 300 lines, half of them the docstrings of its settings and steps.)
 """
 
 from __future__ import annotations
