@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from lightning.pytorch import Trainer
+
+from iddpm_lightning.callbacks import SampleWriter
 from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
+from iddpm_lightning.module import IDDPM
+from iddpm_lightning.sampling import Sampling
 
 from .conftest import TINY, run_cli
 
@@ -34,24 +39,24 @@ def test_predict_writes_deterministic_npz_and_grid(tmp_path, digits_config):
     args = ["--config", digits_config, f"--run_dir={run}", *TINY]
     run_cli("fit", *args, "--trainer.max_steps=2", cwd=tmp_path)
     ckpt = run / "checkpoints" / "last.ckpt"
-    outs = []
-    for out_dir in ("a", "b"):
-        proc = run_cli("predict", *args, f"--ckpt_path={ckpt}", "--sampling.num_samples=6", "--sampling.batch_size=4",
-                       "--sampling.sample_steps=ddim10", "--sampling.sampler=ddim", "--sampling.eta=0.0",
-                       f"--sampling.out_dir={tmp_path / out_dir}", cwd=tmp_path)
-        path = tmp_path / out_dir / "samples_6x8x8x1.npz"
-        assert str(path) in proc.stdout
-        assert (tmp_path / out_dir / "samples.png").stat().st_size > 0
-        outs.append(np.load(path))
+    ddim = dict(num_samples=6, batch_size=4, sample_steps="ddim10", sampler="ddim", eta=0.0)
+    # In-process (the module, predict's Sampling data and the writer), then the same through the CLI.
+    model = IDDPM.load_from_checkpoint(ckpt, map_location="cpu")
+    for out_dir, settings in (("a", ddim), ("c", dict(num_samples=4, sample_steps="10,15"))):
+        Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                callbacks=[SampleWriter(str(tmp_path / out_dir))]).predict(model, datamodule=Sampling(**settings))
+    proc = run_cli("predict", *args, f"--ckpt_path={ckpt}", *(f"--sampling.{k}={v}" for k, v in ddim.items()),
+                   f"--sampling.out_dir={tmp_path / 'b'}", cwd=tmp_path)
+    outs = [np.load(tmp_path / out_dir / "samples_6x8x8x1.npz") for out_dir in ("a", "b")]
+    assert str(tmp_path / "b" / "samples_6x8x8x1.npz") in proc.stdout
+    assert all((tmp_path / out_dir / "samples.png").stat().st_size > 0 for out_dir in ("a", "b"))
     arr = outs[0]["arr_0"]
     assert arr.shape == (6, 8, 8, 1) and arr.dtype == np.uint8
     assert list(outs[0].keys()) == ["arr_0"]  # unconditional: no labels
-    assert np.array_equal(arr, outs[1]["arr_0"])
+    assert np.array_equal(arr, outs[1]["arr_0"])  # the same images by both routes
     assert arr.min() >= 0 and arr.max() <= 255 and len(np.unique(arr)) > 2
 
-    # The ancestral sampler with another respacing runs too and gives other images.
-    run_cli("predict", *args, f"--ckpt_path={ckpt}", "--sampling.num_samples=4", "--sampling.sample_steps=10,15",
-            f"--sampling.out_dir={tmp_path / 'c'}", cwd=tmp_path)
+    # The ancestral sampler with another respacing runs too.
     assert np.load(tmp_path / "c" / "samples_4x8x8x1.npz")["arr_0"].shape == (4, 8, 8, 1)
 
     # Two DDP processes: each writes its share, rank 0 merges all of them in index order.
