@@ -38,8 +38,7 @@ def global_rng_seeded(device: torch.device, *key: int) -> Iterator[None]:
     takes no generator argument, such as the dropout layers of a UNet's forward pass."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        seed = derive_seed(*key)
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(*key))
         yield
 
 
@@ -48,8 +47,7 @@ def stream_seed(seed_everything) -> int:
     the streams with 0 (Lightning then seeds nothing else); true is resolved by the CLI
     (``random_seed``), which writes the drawn seed back into all three. An integer out of range
     is refused by ``check_seed``."""
-    valid = isinstance(seed_everything, int) and not isinstance(seed_everything, bool) and seed_everything >= 0
-    return int(seed_everything) if valid and seed_everything <= MAX_SEED else 0
+    return int(seed_everything) if _is_seed(seed_everything) else 0
 
 
 def random_seed() -> int:
@@ -64,7 +62,11 @@ def random_seed() -> int:
     return int(np.random.SeedSequence().generate_state(1)[0])
 
 
+def _is_seed(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEED
+
+
 def check_seed(seed) -> None:
-    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
+    if isinstance(seed, int) and not isinstance(seed, bool) and not _is_seed(seed):
         raise ConfigError(f"seed_everything={seed} must be in [0, {MAX_SEED}] (numpy's seeds), or true for "
                           f"a random seed; set a non-negative seed")

@@ -23,7 +23,7 @@ class UniformSampler:
         return t, torch.ones(batch_size, device=device)
 
 
-class TimestepSampler:
+class TimestepSampler(UniformSampler):
     """The training step's sampler of t: uniform (exactly ``UniformSampler``) until it is given a
     distribution p_t with ``set_probs``, then t ~ p_t with weight 1 / (T p_t).
 
@@ -33,7 +33,7 @@ class TimestepSampler:
     """
 
     def __init__(self, num_timesteps: int):
-        self.num_timesteps = num_timesteps
+        super().__init__(num_timesteps)
         self.probs: torch.Tensor | None = None  # [T] float64, or None for uniform
 
     def set_probs(self, probs: torch.Tensor | None) -> None:
@@ -46,7 +46,7 @@ class TimestepSampler:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(t [B] long, weights [B] float32) on ``device``."""
         if self.probs is None:
-            return UniformSampler(self.num_timesteps).sample(batch_size, device, generator)
+            return super().sample(batch_size, device, generator)
         return sample_from(self.probs.to(device), batch_size, generator)
 
 
