@@ -1,5 +1,7 @@
-"""``python -m iddpm_lightning {fit,validate,test,predict} --config FILE``, and
-``python -m iddpm_lightning export --ckpt_path C --out DIR`` (a diffusers pipeline, export.py).
+"""``python -m iddpm_lightning {fit,validate,test,predict} --config FILE``,
+``python -m iddpm_lightning evaluate --samples NPZ --reference CONFIG`` (sample quality,
+evaluation/evaluate.py) and ``python -m iddpm_lightning export --ckpt_path C --out DIR`` (a
+diffusers pipeline, export.py).
 
 One run directory (``run_dir``) holds everything a run writes: TensorBoard logs, the
 config, ``checkpoints/`` (with ``last.ckpt``) and test outputs. It is fixed rather than
@@ -181,8 +183,8 @@ class IDDPMCLI(LightningCLI):
         check_compatible(self._ckpt_hparams, self.model.hparams)
         check_precision(self.trainer.precision)
         sampling = self._get(self.config_init, "sampling")
-        if self.subcommand == "predict" and sampling.sample_steps is not None:
-            self.model.respaced(sampling.sample_steps)  # a respacing T cannot meet fails before anything is written
+        if self.subcommand == "predict":
+            self.model.check_sampling(sampling.sample_steps, sampling.sampler)  # fails before anything is written
 
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -259,6 +261,10 @@ def main(args=None) -> None:
             from .export import main as export_main
 
             return export_main(list(argv[1:]))
+        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["evaluate"]:
+            from .evaluation.evaluate import main as evaluate_main
+
+            return evaluate_main(list(argv[1:]))
         IDDPMCLI(args=args)
     except (ConfigError, ValueError) as e:
         error = _config_error(e)

@@ -125,10 +125,12 @@ class _BaseDataModule(LightningDataModule):
         raise NotImplementedError
 
     def reference(self, split: str) -> Reference:
-        """The ``train`` or ``val`` split (after ``setup``) and what statistics of it depend on:
+        """The ``train``, ``val`` or ``test`` split (after ``setup``) and what statistics of it depend on:
         the data module's class, ``identity()``, the split, its length and image shape, and the
         file list of a dataset of files."""
-        dataset = {"train": self.train_set, "val": self.val_set}[split]
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        if dataset is None and self.train_set is not None:
+            raise ConfigError(f"{type(self).__name__} has no {split} split; use the train or val split")
         if dataset is None:
             raise RuntimeError("call setup() before asking for a reference split")
         key = {"datamodule": f"{type(self).__module__}.{type(self).__qualname__}", **self.identity(), "split": split,

@@ -21,12 +21,14 @@ from torchmetrics import MeanMetric
 
 from .compat import RUNTIME, check_compatible, plain
 from .diffusion import GaussianDiffusion, get_named_beta_schedule
+from .diffusion.dpm_solver import COSINE_LAMBDA_MIN
 from .diffusion.resample import TimestepSampler, UniformSampler
 from .errors import ConfigError
 from .rng import global_rng_seeded, seeded_generator
 from .sampling import SampleBatch
 from .settings import (LossType, NoiseSchedule, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                       Sampler, SampleSteps, UnitIntervalOpenRight, VarianceType, check_args, check_precision)
+                       Sampler, SampleSteps, SolverOrder, UnitIntervalOpenRight, VarianceType, check_args,
+                       check_precision)
 from .unet import UNetConfig, build_unet
 
 __all__ = ["IDDPM"]
@@ -271,14 +273,17 @@ class IDDPM(LightningModule):
         labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        solver_order: SolverOrder = 2,
     ) -> torch.Tensor:
         """Images [N, C, H, W] in [-1, 1] from the eval weights.
 
-        ``sample_steps``: None for all T steps, or a respacing (``100``, ``"10,15,25"``,
-        ``"ddim50"``); ``sampler``: ``ddpm`` (ancestral, learned variance) or ``ddim`` (``eta``).
+        ``sampler``: ``ddpm`` (ancestral, with the learned variance), ``ddim`` (``eta``) or
+        ``dpm_solver`` (DPM-Solver++ of ``solver_order``, deterministic, ε only).
+        ``sample_steps``: for ``ddpm``/``ddim`` None for all T steps or a respacing (``100``,
+        ``"10,15,25"``, ``"ddim50"``); for ``dpm_solver`` a number of steps (10-25).
         """
-        check_args("", IDDPM.sample, {"sampler": sampler})
-        diffusion = self.diffusion if sample_steps is None else self.respaced(sample_steps)
+        check_args("", IDDPM.sample, {"sampler": sampler, "solver_order": solver_order})
+        self.check_sampling(sample_steps, sampler)
         hp = self.hparams
         if hp.class_cond and labels is None:
             labels = torch.arange(num_samples, device=self.device) % hp.num_classes
@@ -288,12 +293,32 @@ class IDDPM(LightningModule):
         unet.eval()
         try:
             model = self.model_fn(unet, labels)
+            if sampler == "dpm_solver":
+                lambda_min = COSINE_LAMBDA_MIN if hp.noise_schedule == "cosine" else -float("inf")
+                return self.diffusion.dpm_solver_sample_loop(model, shape, int(sample_steps), solver_order, lambda_min,
+                                                             generator=generator, progress=progress, device=self.device)
+            diffusion = self.diffusion if sample_steps is None else self.respaced(sample_steps)
             if sampler == "ddim":
                 return diffusion.ddim_sample_loop(model, shape, eta=eta, generator=generator,
                                                   progress=progress, device=self.device)
             return diffusion.p_sample_loop(model, shape, generator=generator, progress=progress, device=self.device)
         finally:
             unet.train(was_training)
+
+    def check_sampling(self, sample_steps: SampleSteps, sampler: Sampler = "ddpm") -> None:
+        """Refuse steps the sampler cannot take (a ConfigError), before any sampling time is spent:
+        a respacing T cannot meet, or anything but a step count in 1..T for ``dpm_solver``."""
+        if sampler != "dpm_solver":
+            if sample_steps is not None:
+                self.respaced(sample_steps)
+            return
+        T = self.diffusion.num_timesteps
+        count = str(sample_steps).strip() if sample_steps is not None else ""
+        if not count.isdigit() or not 1 <= int(count) <= T:
+            raise ConfigError(
+                f"sample_steps={sample_steps!r} is not a number of steps for sampler dpm_solver, which spaces its own "
+                f"steps; set sample_steps to a count from 1 to T={T} (it is meant for 10-25)"
+            )
 
     def respaced(self, sample_steps: str | int) -> GaussianDiffusion:
         """The diffusion respaced to ``sample_steps`` (cached: respacing T = 4000 costs a few ms);
@@ -315,7 +340,8 @@ class IDDPM(LightningModule):
         g = seeded_generator(self.device, batch.seed, int(indices[0]))
         labels = indices % self.hparams.num_classes if self.hparams.class_cond else None
         x = self.sample(len(indices), batch.sample_steps, batch.sampler, batch.eta, labels=labels, generator=g,
-                        progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None)
+                        progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None,
+                        solver_order=batch.solver_order)
         images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (b, H, W, C)
         return {"index": indices, "image": images,
                 "label": labels if labels is not None else torch.zeros_like(indices)}

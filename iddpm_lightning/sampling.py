@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from .settings import ClosedUnitInterval, NonNegativeInt, PositiveInt, Sampler, SampleSteps, check_args
+from .settings import ClosedUnitInterval, NonNegativeInt, PositiveInt, Sampler, SampleSteps, SolverOrder, check_args
 
 
 @dataclass
@@ -30,6 +30,7 @@ class SampleBatch:
     sampler: Sampler
     eta: float
     seed: int
+    solver_order: int = 2
 
     def __len__(self) -> int:
         return len(self.index)
@@ -41,9 +42,11 @@ class Sampling(LightningDataModule):
     Args:
         num_samples: Images to draw (the paper's FIDs use 50,000).
         sample_steps: Respaced steps: a count (50, 100), sections ("10,15,25"), a DDIM
-            stride ("ddim50"), or null for all T.
-        sampler: ``ddpm`` (ancestral, with the learned variance) or ``ddim``.
+            stride ("ddim50"), or null for all T; for ``dpm_solver`` a count (10-25).
+        sampler: ``ddpm`` (ancestral, with the learned variance), ``ddim`` or ``dpm_solver``
+            (DPM-Solver++ through diffusers, for 10-25 steps).
         eta: DDIM's η in [0, 1] (0: deterministic given the noise; 1: DDPM-like noise).
+        solver_order: DPM-Solver++'s order (``dpm_solver`` only; 2 is diffusers' default).
         batch_size: Images sampled at once per device.
         seed: Seed of the noise (a non-negative integer).
         out_dir: Output folder; null: ``{run_dir}/predict``.
@@ -58,14 +61,16 @@ class Sampling(LightningDataModule):
         batch_size: PositiveInt = 64,
         seed: NonNegativeInt = 0,
         out_dir: str | None = None,
+        solver_order: SolverOrder = 2,
     ):
         super().__init__()
         check_args("sampling.", Sampling.__init__, {k: v for k, v in locals().items() if k != "self"})
         self.num_samples, self.sample_steps, self.sampler, self.eta = num_samples, sample_steps, sampler, eta
-        self.batch_size, self.seed, self.out_dir = batch_size, seed, out_dir
+        self.batch_size, self.seed, self.out_dir, self.solver_order = batch_size, seed, out_dir, solver_order
 
     def predict_dataloader(self) -> DataLoader:
-        collate = partial(_collate, sample_steps=self.sample_steps, sampler=self.sampler, eta=self.eta, seed=self.seed)
+        collate = partial(_collate, sample_steps=self.sample_steps, sampler=self.sampler, eta=self.eta, seed=self.seed,
+                          solver_order=self.solver_order)
         return DataLoader(torch.arange(self.num_samples), batch_size=self.batch_size, collate_fn=collate)
 
 

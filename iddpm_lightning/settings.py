@@ -34,12 +34,14 @@ from .errors import ConfigError
 NoiseSchedule = Literal["cosine", "linear"]
 VarianceType = Literal["learned_range", "fixed_small", "fixed_large"]
 LossType = Literal["hybrid", "vlb", "simple"]
-Sampler = Literal["ddpm", "ddim"]
+Sampler = Literal["ddpm", "ddim", "dpm_solver"]
+SolverOrder = Literal[1, 2, 3]  # DPM-Solver++'s order (diffusers supports 1 to 3)
+Features = Literal["inception", "digits"]  # the feature space of sample-quality metrics
 
 # [0, 1): a dropout of 1 zeroes every activation, an EMA decay of 1 never moves.
 UnitIntervalOpenRight = restricted_number_type("UnitIntervalOpenRight", float, [(">=", 0), ("<", 1)])
-# A covariance (FID) needs two samples.
-AtLeastTwoInt = restricted_number_type("AtLeastTwoInt", int, (">=", 2))
+# Sample-quality metrics: precision/recall compare each sample with its k = 3 nearest other samples.
+MetricSampleCount = restricted_number_type("MetricSampleCount", int, (">=", 4))
 
 # A respacing written as text, as ``space_timesteps`` reads it: a count ("100"), section counts
 # ("10,15,25") or a DDIM stride ("ddim50"), every count a positive integer.

@@ -16,7 +16,7 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt
 
 from iddpm_lightning.callbacks import FID, BitsPerDim, ImportanceSampler, SampleGrid
 from iddpm_lightning.sampling import Sampling
-from iddpm_lightning.settings import AtLeastTwoInt, Respacing, Sampler, SampleSteps
+from iddpm_lightning.settings import Features, MetricSampleCount, Respacing, Sampler, SampleSteps, SolverOrder
 from iddpm_lightning.errors import ConfigError
 
 from .test_fid import TinyExtractor
@@ -69,25 +69,25 @@ def test_bad_callback_setting_fails_at_parse_time_naming_it(tmp_path, digits_con
 # Every __init__ argument and the type jsonargparse reads for it.
 SPLIT = Literal["train", "val"]
 EXPECTED_TYPES = {
-    FID: {"num_samples": AtLeastTwoInt, "every_n_val_epochs": PositiveInt, "sample_steps": SampleSteps,
+    FID: {"num_samples": MetricSampleCount, "every_n_val_epochs": PositiveInt, "sample_steps": SampleSteps,
           "sampler": Sampler, "eta": ClosedUnitInterval, "batch_size": PositiveInt, "reference_split": SPLIT,
-          "inception_weights": str | None, "feature_extractor": torch.nn.Module | None, "cache_dir": str | None,
-          "seed": NonNegativeInt},
+          "features": Features, "inception_weights": str | None, "feature_extractor": torch.nn.Module | None,
+          "cache_dir": str | None, "seed": NonNegativeInt, "solver_order": SolverOrder},
     BitsPerDim: {"num_images": PositiveInt, "num_strata": PositiveInt, "every_n_val_epochs": PositiveInt,
                  "exact": bool, "seed": NonNegativeInt},
     ImportanceSampler: {"history_per_term": PositiveInt, "uniform_prob": ClosedUnitInterval,
                         "plot_every_n_steps": NonNegativeInt},
     SampleGrid: {"every_n_steps": PositiveInt, "num_samples": PositiveInt, "sample_steps": SampleSteps,
-                 "sampler": Sampler, "seed": NonNegativeInt},
+                 "sampler": Sampler, "seed": NonNegativeInt, "solver_order": SolverOrder},
     Sampling: {"num_samples": PositiveInt, "sample_steps": SampleSteps, "sampler": Sampler,
                    "eta": ClosedUnitInterval, "batch_size": PositiveInt, "seed": NonNegativeInt,
-                   "out_dir": str | None},
+                   "out_dir": str | None, "solver_order": SolverOrder},
 }
-INT_TYPES = (PositiveInt, NonNegativeInt, AtLeastTwoInt)
+INT_TYPES = (PositiveInt, NonNegativeInt, MetricSampleCount)
 
 
 def test_the_shared_types():
-    assert SampleSteps == Union[PositiveInt, Respacing, None] and Sampler == Literal["ddpm", "ddim"]
+    assert SampleSteps == Union[PositiveInt, Respacing, None] and Sampler == Literal["ddpm", "ddim", "dpm_solver"]
     assert issubclass(Respacing, str) and all(issubclass(t, int) for t in INT_TYPES)
     assert issubclass(ClosedUnitInterval, float)
 
@@ -136,7 +136,7 @@ def make(cls, **kw):
 
 # The same refusals for Python callers, who construct the callbacks without jsonargparse.
 PYTHON_CASES = [
-    (FID, {"num_samples": 1}, "FID num_samples=1 must be an integer >= 2"),
+    (FID, {"num_samples": 1}, "FID num_samples=1 must be an integer >= 4"),
     (FID, {"eta": 1.5}, "FID eta=1.5 must be a number in [0, 1]"),
     (FID, {"sampler": "euler"}, "FID sampler='euler' is not one of 'ddpm', 'ddim'"),
     (FID, {"reference_split": "test"}, "FID reference_split='test' is not one of 'train', 'val'"),
@@ -168,9 +168,9 @@ def test_python_callers_get_one_sentence_config_errors(cls, kw, start):
 @pytest.mark.parametrize("cls", CALLBACKS, ids=lambda c: c.__name__)
 def test_defaults_plain_python_numbers_and_numpy_ints_are_accepted(cls):
     make(cls)
-    ints = {n: 3 for n, t in EXPECTED_TYPES[cls].items() if t in INT_TYPES}
+    ints = {n: 5 for n, t in EXPECTED_TYPES[cls].items() if t in INT_TYPES}
     cb = make(cls, **ints)
-    assert all(getattr(cb, n) == 3 for n in ints if hasattr(cb, n))
+    assert all(getattr(cb, n) == 5 for n in ints if hasattr(cb, n))
     make(cls, **{n: np.int64(4) for n in ints})
     units = {n: 1 for n, t in EXPECTED_TYPES[cls].items() if t is ClosedUnitInterval}
     make(cls, **units)  # an int in [0, 1] is a probability too

@@ -146,7 +146,7 @@ def test_new_data_gets_new_reference_statistics(tmp_path):
     validate(StubModel(), digits(), fid, tmp_path)  # reference: the 1,497 training digits
     other = digits_with(val_size=100, split_seed=1)  # 1,547 other training digits
     assert abs(validate(StubModel(replay=u8_of(other.train_set)), other, fid, tmp_path)) < 1e-3
-    assert int(fid.metric.real_features_num_samples) == 1547
+    assert fid.reference.num == 1547
 
 
 # -------------------------------------------------------------------------- cache
@@ -176,11 +176,11 @@ def test_reference_statistics_are_cached_on_disk_and_reused(tmp_path):
     files = list((tmp_path / "fid_stats").glob("*.pt"))  # digits has no root: the run directory
     assert [f.name[:30] for f in files] == ["fid_ref_DigitsDataModule_train"]
     saved = torch.load(files[0], weights_only=True)
-    assert int(saved["real_features_num_samples"]) == 1497
-    assert saved["real_features_sum"].shape == (16,) and saved["real_features_cov_sum"].shape == (16, 16)
-    feats = TinyExtractor()(to_uint8_rgb(to_model_range(u8_of(digits().train_set)))).double()
-    torch.testing.assert_close(saved["real_features_sum"], feats.sum(0))
-    torch.testing.assert_close(saved["real_features_cov_sum"], feats.T @ feats)
+    assert saved["num"] == 1497 and saved["mu"].shape == (16,) and saved["sigma"].shape == (16, 16)
+    feats = TinyExtractor()(to_uint8_rgb(to_model_range(u8_of(digits().train_set))))
+    torch.testing.assert_close(saved["features"], feats)  # kept for KID and precision/recall
+    torch.testing.assert_close(saved["mu"], feats.double().mean(0))
+    torch.testing.assert_close(saved["sigma"], torch.cov(feats.double().T))
     assert json.loads(saved["key"])["split"] == "train"
 
 
@@ -284,7 +284,7 @@ def test_local_inception_weights_load_with_no_network(tmp_path, monkeypatch):
     monkeypatch.setattr(fe, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     fid = FID(inception_weights=str(path))
-    torch.testing.assert_close(fid.metric.inception.fc.weight, weights["fc.weight"])
+    torch.testing.assert_close(fid.extractor.net.fc.weight, weights["fc.weight"])
     assert fid.extractor_id.endswith(INCEPTION_FILE)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot be loaded"):
@@ -318,7 +318,7 @@ class Probe(Callback):
         self.fid, self.cache_dir, self.seen = fid, cache_dir, None
 
     def on_train_start(self, trainer, pl_module):
-        self.seen = {"real_n": int(self.fid.metric.real_features_num_samples),
+        self.seen = {"real_n": self.fid.reference.num,
                      "cache": sorted(p.name for p in self.cache_dir.glob("fid_ref_*.pt")),
                      "step": trainer.global_step}
 
@@ -348,8 +348,8 @@ def test_reference_is_computed_and_cached_in_setup_before_the_first_training_ste
     assert probe.seen["real_n"] == len(dm.train_set) == 1497
     assert [name[:30] for name in probe.seen["cache"]] == ["fid_ref_DigitsDataModule_train"]
     saved = torch.load(tmp_path / "fid_stats" / probe.seen["cache"][0], weights_only=True)
-    assert int(saved["real_features_num_samples"]) == 1497
-    torch.testing.assert_close(saved["real_features_sum"], fid.metric.real_features_sum.cpu())
+    assert saved["num"] == 1497
+    torch.testing.assert_close(saved["mu"], fid.reference.mu)
     assert not list((tmp_path / "fid_stats").glob("*.tmp*"))  # no temp file left behind
 
 
@@ -412,7 +412,7 @@ def test_unwritable_cache_dir_fails_in_setup_and_the_default_folder_only_warns(t
     dm = digits()
     with pytest.warns(UserWarning, match="cannot write the reference statistics cache"):
         validate(StubModel(), dm, fid, blocker)
-    assert int(fid.metric.real_features_num_samples) == 1497
+    assert fid.reference.num == 1497
 
 
 def test_no_data_module_fails_in_setup(tmp_path):
@@ -441,8 +441,7 @@ def test_ddp_shares_the_reference_pass_and_sums_rank_zero_reference_and_all_rank
     assert first["calls"] == [64, 64, 23] and r1["first"]["calls"] == [64, 64, 22]  # 301 samples in all
     # The reference pass was shared in setup: rank r read the images r, r + 2, ... and nothing else.
     assert first["reads"] == 749 and r1["first"]["reads"] == 748
-    assert int(first["real"]["real_features_num_samples"]) == 1497  # the sum lives on rank 0 only
-    assert all(not v.any() for v in r1["first"]["real"].values())
+    assert first["real"]["num"] == 1497 and r1["first"]["real"] is None  # the reference lives on rank 0 only
     files = list((tmp_path / "run" / "fid_stats").glob("*.pt"))
     assert len(files) == 1 and not list((tmp_path / "run" / "fid_stats").glob("*.tmp*"))
 
@@ -454,10 +453,10 @@ def test_ddp_shares_the_reference_pass_and_sums_rank_zero_reference_and_all_rank
     differ = {"datamodule", "extractor"}  # the script's classes live in __main__
     assert {k: v for k, v in json.loads(saved["key"]).items() if k not in differ} == \
         {k: v for k, v in json.loads(single["key"]).items() if k not in differ}
-    for name, value in first["real"].items():
-        reference = getattr(one.metric, name).cpu()
-        torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-9)
-        torch.testing.assert_close(saved[name], reference, rtol=1e-12, atol=1e-9)
+    for name in ("mu", "sigma", "features"):
+        reference = getattr(one.reference, name)
+        torch.testing.assert_close(first["real"][name], reference, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(saved[name], reference, rtol=1e-6, atol=1e-7)
 
     fake = []
     for rank, sizes in [(0, first["calls"]), (1, r1["first"]["calls"])]:
@@ -468,8 +467,7 @@ def test_ddp_shares_the_reference_pass_and_sums_rank_zero_reference_and_all_rank
 
     # A second run finds the cache: rank 0 loads it, no rank reads an image, the same FID.
     assert cached["reads"] == 0 and r1["cached"]["reads"] == 0
-    assert int(cached["real"]["real_features_num_samples"]) == 1497
-    assert int(r1["cached"]["real"]["real_features_num_samples"]) == 0
+    assert cached["real"]["num"] == 1497 and r1["cached"]["real"] is None
     assert float(cached["fid"]) == pytest.approx(float(first["fid"]), rel=1e-9)
 
 
@@ -520,8 +518,8 @@ def _ddp_main(out_dir: Path, mode: str) -> None:
         trainer.validate(model, datamodule=dm)
         results[run] = {"fid": trainer.callback_metrics["val/fid"].cpu(), "calls": [c[0] for c in model.calls],
                         "reads": dm.train_set.reads,
-                        "real": {k: getattr(fid.metric, k).cpu() for k in
-                                 ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")}}
+                        "real": None if fid.reference is None else
+                        {k: getattr(fid.reference, k) for k in ("mu", "sigma", "features", "num")}}
     torch.save(results, out_dir / f"rank{trainer.global_rank}.pt")
 
 

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
-from ..settings import NonNegativeInt, PositiveInt, Sampler, SampleSteps, check_args
+from ..settings import NonNegativeInt, PositiveInt, Sampler, SampleSteps, SolverOrder, check_args
 
 
 class SampleGrid(Callback):
@@ -23,8 +23,9 @@ class SampleGrid(Callback):
         every_n_steps: Optimizer steps between grids.
         num_samples: Images in the grid.
         sample_steps: Respaced sampling steps (e.g. 100, "10,15,25", "ddim50"); null: all T.
-        sampler: ``ddpm`` (ancestral) or ``ddim``.
+        sampler: ``ddpm`` (ancestral), ``ddim`` or ``dpm_solver`` (with a step count, 10-25).
         seed: Seed of the fixed noise (a non-negative integer).
+        solver_order: DPM-Solver++'s order (``dpm_solver`` only).
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class SampleGrid(Callback):
         sample_steps: SampleSteps = 100,
         sampler: Sampler = "ddpm",
         seed: NonNegativeInt = 0,
+        solver_order: SolverOrder = 2,
     ):
         check_args("SampleGrid ", SampleGrid.__init__, locals())
         self.every_n_steps = every_n_steps
@@ -41,11 +43,11 @@ class SampleGrid(Callback):
         self.sample_steps = sample_steps
         self.sampler = sampler
         self.seed = seed
+        self.solver_order = solver_order
         self._last_step = -1
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.sample_steps is not None:
-            pl_module.respaced(self.sample_steps)  # a respacing T can't meet fails now, not after training
+        pl_module.check_sampling(self.sample_steps, self.sampler)  # bad steps fail now, not after training
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
         if trainer.fast_dev_run:
@@ -63,7 +65,8 @@ class SampleGrid(Callback):
     @rank_zero_only
     def log_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        x = pl_module.sample(self.num_samples, self.sample_steps, self.sampler, generator=generator)
+        x = pl_module.sample(self.num_samples, self.sample_steps, self.sampler, generator=generator,
+                             solver_order=self.solver_order)
         # Small images (8x8 digits) are enlarged, pixel for pixel, to be visible.
         scale = max(1, 32 // x.shape[-1])
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .dpm_solver import dpm_solver_sample_loop
 from .likelihood import discretized_gaussian_log_likelihood, normal_kl
 from .schedules import space_timesteps
 
@@ -476,6 +477,18 @@ class GaussianDiffusion(nn.Module):
         """DDIM sampling (deterministic given x_T when η = 0); [*shape]."""
         return self._sample_loop(self.ddim_sample, model, shape, noise, generator, progress, device,
                                  clip_denoised=clip_denoised, eta=eta)
+
+    def dpm_solver_sample_loop(
+        self, model: Model, shape: tuple[int, ...], steps: int, order: int = 2, lambda_min: float = -float("inf"),
+        clip_denoised: bool = True, noise: torch.Tensor | None = None, generator: torch.Generator | None = None, progress: bool = False,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """DPM-Solver++ of ``order`` in ``steps`` steps over this (unrespaced) schedule, with
+        diffusers' scheduler (``dpm_solver.py``): ε only, x̂_0 clipped; [*shape]."""
+        if not torch.equal(self.timestep_map.cpu(), torch.arange(self.num_timesteps)):
+            raise ValueError("dpm_solver_sample_loop spaces its own steps: call it on the unrespaced diffusion")
+        return dpm_solver_sample_loop(model, self.betas, shape, steps, order, lambda_min, clip_denoised,
+                                      noise=noise, generator=generator, progress=progress, device=device)
 
     def _sample_loop(self, step, model, shape, noise, generator, progress, device, **kwargs) -> torch.Tensor:
         device = device if device is not None else self.betas.device
