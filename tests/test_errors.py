@@ -136,6 +136,17 @@ def test_a_bad_setting_is_refused_in_one_line_before_anything_is_built(workspace
     assert untouched(before, snapshot(workspace)) and not (workspace / "fresh").exists()
 
 
+def test_dpm_solver_with_a_respacing_is_refused_before_predict_writes_anything(workspace, run_main):
+    before = snapshot(workspace)
+    code, err = run_main(["predict", "--config", DIGITS, f"--ckpt_path={workspace}/run/checkpoints/last.ckpt",
+                          f"--run_dir={workspace}/run", "--sampling.sampler=dpm_solver",
+                          "--sampling.sample_steps=ddim50"], cwd=workspace)
+    assert code == 2
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "sample_steps='ddim50' is not a number of steps for sampler dpm_solver" in line, line
+    assert untouched(before, snapshot(workspace)) and not (workspace / "run" / "predict").exists()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_clear_error_and_touches_nothing(workspace, case):
     args, needle = CASES[case]

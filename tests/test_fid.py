@@ -285,7 +285,7 @@ def test_local_inception_weights_load_with_no_network(tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     fid = FID(inception_weights=str(path))
     torch.testing.assert_close(fid.extractor.net.fc.weight, weights["fc.weight"])
-    assert fid.extractor_id.endswith(INCEPTION_FILE)
+    assert fid.extractor.name.endswith(INCEPTION_FILE)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot be loaded"):
         FID(inception_weights=str(path))

@@ -10,7 +10,9 @@ from lightning.pytorch import Trainer
 
 from iddpm_lightning.callbacks import SampleWriter
 from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
+from iddpm_lightning.evaluation.features import to_uint8
 from iddpm_lightning.module import IDDPM
+from iddpm_lightning.rng import seeded_generator
 from iddpm_lightning.sampling import Sampling
 
 from .conftest import TINY, run_cli
@@ -42,7 +44,8 @@ def test_predict_writes_deterministic_npz_and_grid(tmp_path, digits_config):
     ddim = dict(num_samples=6, batch_size=4, sample_steps="ddim10", sampler="ddim", eta=0.0)
     # In-process (the module, predict's Sampling data and the writer), then the same through the CLI.
     model = IDDPM.load_from_checkpoint(ckpt, map_location="cpu")
-    for out_dir, settings in (("a", ddim), ("c", dict(num_samples=4, sample_steps="10,15"))):
+    dpm = dict(num_samples=4, sampler="dpm_solver", sample_steps=5, solver_order=3)
+    for out_dir, settings in (("a", ddim), ("c", dict(num_samples=4, sample_steps="10,15")), ("d", dpm)):
         Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
                 callbacks=[SampleWriter(str(tmp_path / out_dir))]).predict(model, datamodule=Sampling(**settings))
     proc = run_cli("predict", *args, f"--ckpt_path={ckpt}", *(f"--sampling.{k}={v}" for k, v in ddim.items()),
@@ -58,6 +61,10 @@ def test_predict_writes_deterministic_npz_and_grid(tmp_path, digits_config):
 
     # The ancestral sampler with another respacing runs too.
     assert np.load(tmp_path / "c" / "samples_4x8x8x1.npz")["arr_0"].shape == (4, 8, 8, 1)
+    # DPM-Solver++ through predict: the module's sampler with predict's noise key (seed 0, index 0).
+    g = seeded_generator(torch.device("cpu"), 0, 0)
+    expected = to_uint8(model.sample(4, 5, "dpm_solver", generator=g, solver_order=3)).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(np.load(tmp_path / "d" / "samples_4x8x8x1.npz")["arr_0"], expected)
 
     # Two DDP processes: each writes its share, rank 0 merges all of them in index order.
     proc = run_cli("predict", *args, f"--ckpt_path={ckpt}", "--sampling.num_samples=7", "--sampling.batch_size=2",

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from ..errors import ConfigError
-from .features import INCEPTION_FILE, InceptionFeatures, to_uint8
+from .features import INCEPTION_FILE, InceptionFeatures, default_cache_dir, to_uint8
 from .metrics import MIN_SAMPLES, ReferenceStats, metric_names, sample_quality
 
 DEFAULT_INCEPTION = f"data/{INCEPTION_FILE}"
@@ -247,7 +247,7 @@ def evaluate(samples: str, reference: str, split: str = "train", features: str =
         raise ConfigError(f"--features=digits reads 8x8 greyscale digits, but the samples are "
                           f"{'x'.join(map(str, images.shape[1:]))}; use --features=inception")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    extractor = extractor_for(kind, ref, inception_weights, ref.folder).to(dev)
+    extractor = extractor_for(kind, ref, inception_weights, Path(cache_dir) if cache_dir else default_cache_dir()).to(dev)
     stats, cache, cached = reference_stats(ref, extractor, batch_size, dev)
     t0 = time.perf_counter()
     feats, logits = features_of(extractor, images, batch_size, dev)
@@ -312,8 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inception_weights", default=DEFAULT_INCEPTION,
                         help=f"local path of torch-fidelity's {INCEPTION_FILE} (nothing is downloaded)")
     parser.add_argument("--cache_dir", default=None,
-                        help="folder of cached reference statistics (default: fid_stats/ next to the data, or in the "
-                             "config's run_dir, or next to the reference file)")
+                        help="folder of cached reference statistics and of the digits classifier (default: "
+                             "fid_stats/ next to the data, or in the config's run_dir, or next to the reference "
+                             "file; the classifier in ~/.cache/iddpm_lightning)")
     parser.add_argument("--batch_size", type=int, default=250, help="images per feature-extraction batch")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=None, help="the JSON to write (default: next to the samples)")

@@ -31,6 +31,12 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
 
+def default_cache_dir() -> Path:
+    """Where the digits classifier is cached when no folder is given: it depends only on the
+    digits split, so every run and ``evaluate`` on this machine share it."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "iddpm_lightning"
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] ``[N, C, H, W]`` -> uint8 [0, 255], rounded: the inverse of ``u / 127.5 - 1``."""
     return ((x.float() + 1) * 127.5).round().clamp_(0, 255).to(torch.uint8)
