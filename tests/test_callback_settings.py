@@ -25,12 +25,14 @@ CALLBACKS = [FID, BitsPerDim, ImportanceSampler, SampleGrid, Sampling]
 ADD = "--trainer.callbacks+=iddpm_lightning.callbacks."
 
 # (what is wrong, extra arguments, the setting named in the error). digits.yaml's callbacks are
-# [SampleGrid, BitsPerDim]: ``--trainer.callbacks.X`` sets X of the last one.
+# [SampleGrid, BitsPerDim, FID]: ``--trainer.callbacks.X`` sets X of the last one.
 CLI_CASES = {
     "ImportanceSampler unit interval": ([f"{ADD}ImportanceSampler", "--trainer.callbacks.uniform_prob=2"],
                                         "uniform_prob"),
     "FID choice": ([f"{ADD}FID", "--trainer.callbacks.reference_split=test"], "reference_split"),
-    "BitsPerDim positive int": (["--trainer.callbacks.num_strata=0"], "num_strata"),
+    "BitsPerDim positive int": ([f"{ADD}BitsPerDim", "--trainer.callbacks.num_strata=0"], "num_strata"),
+    "FID features choice": (["--trainer.callbacks.features=clip"], "features"),
+    "FID too few samples": (["--trainer.callbacks.num_samples=3"], "num_samples"),
     "SampleGrid choice (YAML init_args)": (["--config", "{tmp}/grid.yaml"], "sampler"),
     "sampling choice": (["--sampling.sampler=foo"], "sampling.sampler"),
     "sampling positive int": (["--sampling.num_samples=0"], "sampling.num_samples"),

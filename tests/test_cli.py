@@ -72,15 +72,12 @@ def test_print_config_round_trips(tmp_path, digits_config):
     assert first == second
 
 
-@pytest.mark.parametrize("arg, needle", [
-    ("--model.learning_rate=1e-3", "learning_rate"),
-    ("--model.timesteps=many", "timesteps"),
-    ("--model.noise_schedule=cosin", "cosin"),
-])
-def test_bad_arguments_fail_before_training(tmp_path, digits_config, arg, needle):
-    proc = run_cli("fit", "--config", digits_config, f"--run_dir={tmp_path / 'run'}", arg, cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert needle in proc.stderr
+def test_a_bad_argument_fails_the_real_command_before_training(tmp_path, digits_config):
+    """The command's own process (every other bad setting is checked in-process, test_errors.py)."""
+    proc = run_cli("fit", "--config", digits_config, f"--run_dir={tmp_path / 'run'}", "--model.noise_schedule=cosin",
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "cosin" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 

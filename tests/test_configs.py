@@ -59,10 +59,11 @@ def test_digits_vlb_trains_with_the_importance_sampler(tmp_path):
     assert int(state["loss_counts"].sum()) == 3 * 16  # every loss of the 3 steps is in the history
 
 
-def test_fid_without_inception_weights_stops_before_training(tmp_path):
+def test_fid_without_inception_weights_stops_before_training(tmp_path, run_main):
     write_tiny_cifar(tmp_path / "cifar", n_train=10, n_test=8)
-    proc = run_cli("fit", "--config", str(REPO / "configs" / "cifar10_hybrid.yaml"), f"--run_dir={tmp_path / 'run'}",
-                   *SMOKE, f"--data.root={tmp_path / 'cifar'}", "--data.val_size=4", cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert "weights-inception-2015-12-05-6726825d.pth" in proc.stderr and "Traceback" not in proc.stderr
+    code, err = run_main(["fit", "--config", str(REPO / "configs" / "cifar10_hybrid.yaml"),
+                          f"--run_dir={tmp_path / 'run'}", *SMOKE, f"--data.root={tmp_path / 'cifar'}",
+                          "--data.val_size=4"], tmp_path)
+    assert code == 2
+    assert "weights-inception-2015-12-05-6726825d.pth" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()

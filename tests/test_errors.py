@@ -73,12 +73,20 @@ CASES = {
     "checkpoint of another model": (["test", "--config", CIFAR, "--trainer.callbacks=[]", "--data.root={ws}/cifar",
                                      "--data.val_size=4", "--ckpt_path={ws}/run/checkpoints/last.ckpt"],
                                     "in_channels=1 (here 3)"),
+    "batch larger than data": (["fit", "--config", DIGITS, "--data.batch_size=5000", "--run_dir={ws}/run",
+                                "--ckpt_path=last"], "data.batch_size"),
+}
+
+# Refused while the CLI reads the checkpoint or builds the model from it, before any data is read:
+# in-process through main(), as the parse-time cases below.
+CHECKPOINT_CASES = {
     "truncated checkpoint": (["test", "--config", DIGITS, "--ckpt_path={ws}/truncated.ckpt"], "truncated.ckpt"),
     "missing checkpoint": (["test", "--config", DIGITS, "--ckpt_path={ws}/nothing.ckpt"], "does not exist"),
     "respacing": (["predict", "--config", DIGITS, "--ckpt_path={ws}/run/checkpoints/last.ckpt",
                    "--sampling.sample_steps=500"], "cannot keep 500"),
-    "batch larger than data": (["fit", "--config", DIGITS, "--data.batch_size=5000", "--run_dir={ws}/run",
-                                "--ckpt_path=last"], "data.batch_size"),
+    "dpm_solver with a respacing": (["predict", "--config", DIGITS, "--ckpt_path={ws}/run/checkpoints/last.ckpt",
+                                     "--sampling.sampler=dpm_solver", "--sampling.sample_steps=ddim50"],
+                                    "sample_steps='ddim50' is not a number of steps for sampler dpm_solver"),
     "test without checkpoint": (["test", "--config", DIGITS], "--ckpt_path"),
     "malicious checkpoint": (["test", "--config", DIGITS, "--ckpt_path={ws}/evil.ckpt"], "evil.ckpt"),
 }
@@ -115,6 +123,8 @@ PARSE_CASES = {
     "16-bit weights": (["fit", "--config", DIGITS, "--trainer.precision=bf16-true"], "trainer.precision=bf16-true"),
     "run_dir is a file": (["fit", "--config", DIGITS, "--run_dir={ws}/truncated.ckpt"], "run_dir="),
     "config key typo": (["fit", "--config", DIGITS, "--model.ema_rate=0.9"], "ema_rate"),
+    "unknown model key": (["fit", "--config", DIGITS, "--model.learning_rate=1e-3"], "learning_rate"),
+    "timesteps not a number": (["fit", "--config", DIGITS, "--model.timesteps=many"], "model.timesteps"),
     "removed data key": (["fit", "--config", DIGITS, "--data.val_root=x"], "data (of DigitsDataModule): Option 'val_root'"),
 }
 
@@ -136,15 +146,18 @@ def test_a_bad_setting_is_refused_in_one_line_before_anything_is_built(workspace
     assert untouched(before, snapshot(workspace)) and not (workspace / "fresh").exists()
 
 
-def test_dpm_solver_with_a_respacing_is_refused_before_predict_writes_anything(workspace, run_main):
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_a_bad_checkpoint_or_sampling_setting_is_one_line_and_touches_nothing(workspace, case, run_main):
+    args, needle = CHECKPOINT_CASES[case]
+    args = [a.replace("{ws}", str(workspace)) for a in args] + [f"--run_dir={workspace / 'run'}"]
     before = snapshot(workspace)
-    code, err = run_main(["predict", "--config", DIGITS, f"--ckpt_path={workspace}/run/checkpoints/last.ckpt",
-                          f"--run_dir={workspace}/run", "--sampling.sampler=dpm_solver",
-                          "--sampling.sample_steps=ddim50"], cwd=workspace)
+    code, err = run_main(args, cwd=workspace)
     assert code == 2
-    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
-    assert "sample_steps='ddim50' is not a number of steps for sampler dpm_solver" in line, line
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], err[-3000:]
+    assert "Traceback" not in err
     assert untouched(before, snapshot(workspace)) and not (workspace / "run" / "predict").exists()
+    assert not (workspace / "pwned").exists()  # the payload never ran
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -100,6 +100,7 @@ def test_inception_features_name_the_extractor_and_give_the_inception_score(tmp_
     ("too few samples", ["holds 3 image(s)", "fewer than the 4", "--sampling.num_samples"]),
     ("other size", ["16x16x1 (H x W x C) images but the reference 8x8x1"]),
     ("no inception weights", ["weights-inception-2015-12-05-6726825d.pth", "nowhere/w.pth", "download it"]),
+    ("corrupt npz", ["cannot be read as an npz"]),
 ])
 def test_bad_inputs_are_one_sentence_before_any_work(tmp_path, run_main, case, needles):
     images = digits_u8()[:10]
@@ -115,6 +116,9 @@ def test_bad_inputs_are_one_sentence_before_any_work(tmp_path, run_main, case, n
         samples = write_npz(tmp_path / "s.npz", images[:3])
     elif case == "other size":
         samples = write_npz(tmp_path / "s.npz", np.zeros((10, 16, 16, 1), np.uint8))
+    elif case == "corrupt npz":
+        samples = tmp_path / "s.npz"
+        samples.write_bytes(b"PK\x03\x04 not really a zip file")
     else:
         samples = write_npz(tmp_path / "s.npz", np.zeros((10, 8, 8, 1), np.uint8))
         extra = ["--features", "inception", "--inception_weights", "nowhere/w.pth"]

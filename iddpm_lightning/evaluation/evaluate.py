@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ from .metrics import MIN_SAMPLES, ReferenceStats, metric_names, sample_quality
 
 DEFAULT_INCEPTION = f"data/{INCEPTION_FILE}"
 IMAGE_SUFFIXES = (".png",)
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)  # what np.load raises for a broken file
 NOTES = {"digits": "digits-classifier features: a digits metric, NOT comparable with Inception FID",
          "inception": "torch-fidelity's Inception-v3 (the TF1 reference FID network), 2048 pool features"}
 
@@ -65,14 +68,18 @@ def read_images(path: Path, what: str) -> np.ndarray:
                               f"all images must share one size")
         return np.stack(arrays)
     try:
-        with np.load(path) as npz:
-            if "arr_0" not in npz:
-                raise ConfigError(f"{what}={str(path)!r} has no arr_0 (it holds {', '.join(npz.files) or 'nothing'}); "
-                                  f"give predict's samples npz, whose arr_0 holds uint8 N x H x W x C images")
-            images = npz["arr_0"]
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{what}={str(path)!r} cannot be read as an npz ({err}); give predict's samples npz "
-                          f"or a folder of PNGs") from None
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):  # an .npy of images
+            images = data
+        else:
+            with data as npz:
+                if "arr_0" not in npz:
+                    raise ConfigError(f"{what}={str(path)!r} has no arr_0 (it holds {', '.join(npz.files) or 'nothing'}); "
+                                      f"give predict's samples npz, whose arr_0 holds uint8 N x H x W x C images")
+                images = npz["arr_0"]
+    except UNREADABLE as err:
+        raise ConfigError(f"{what}={str(path)!r} cannot be read as an npz ({' '.join(str(err).split())}); give "
+                          f"predict's samples npz or a folder of PNGs") from None
     return check_images(images, what, path)
 
 
@@ -90,8 +97,11 @@ def check_images(images: np.ndarray, what: str, path: Path) -> np.ndarray:
 def is_statistics(path: Path) -> bool:
     if path.suffix != ".npz" or not path.is_file():
         return False
-    with np.load(path) as npz:
-        return "mu" in npz and "sigma" in npz
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return "mu" in npz and "sigma" in npz
+    except UNREADABLE:
+        return False  # read_images names the problem
 
 
 # ----------------------------------------------------------------------------- references
@@ -246,7 +256,12 @@ def evaluate(samples: str, reference: str, split: str = "train", features: str =
     if kind == "digits" and images.shape[1:] != (8, 8, 1):
         raise ConfigError(f"--features=digits reads 8x8 greyscale digits, but the samples are "
                           f"{'x'.join(map(str, images.shape[1:]))}; use --features=inception")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device={device!r} is not a device; use cpu or cuda (cuda:1 for the second GPU)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={device} but this machine has no CUDA device; use --device cpu")
     extractor = extractor_for(kind, ref, inception_weights, Path(cache_dir) if cache_dir else default_cache_dir()).to(dev)
     stats, cache, cached = reference_stats(ref, extractor, batch_size, dev)
     t0 = time.perf_counter()
@@ -266,7 +281,9 @@ def evaluate(samples: str, reference: str, split: str = "train", features: str =
     if samples_path.is_dir() and not out:
         out_path = samples_path / f"metrics_{kind}_{ref.tag}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    tmp = out_path.with_name(f"{out_path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out_path)  # a killed run leaves the old JSON or the new one, never half of one
     print(table(result))
     print(f"Wrote {out_path}")
     result["json"] = str(out_path)
