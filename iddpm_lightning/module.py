@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 
 from .compat import RUNTIME, check_compatible, plain
 from .diffusion import GaussianDiffusion, get_named_beta_schedule
-from .diffusion.dpm_solver import COSINE_LAMBDA_MIN
+from .diffusion.dpm_solver import COSINE_LAMBDA_MIN, dpm_solver_timesteps
 from .diffusion.resample import TimestepSampler, UniformSampler
 from .errors import ConfigError
 from .rng import global_rng_seeded, seeded_generator
@@ -294,9 +294,9 @@ class IDDPM(LightningModule):
         try:
             model = self.model_fn(unet, labels)
             if sampler == "dpm_solver":
-                lambda_min = COSINE_LAMBDA_MIN if hp.noise_schedule == "cosine" else -float("inf")
-                return self.diffusion.dpm_solver_sample_loop(model, shape, int(sample_steps), solver_order, lambda_min,
-                                                             generator=generator, progress=progress, device=self.device)
+                return self.diffusion.dpm_solver_sample_loop(model, shape, int(sample_steps), solver_order,
+                                                             self._lambda_min, generator=generator, progress=progress,
+                                                             device=self.device)
             diffusion = self.diffusion if sample_steps is None else self.respaced(sample_steps)
             if sampler == "ddim":
                 return diffusion.ddim_sample_loop(model, shape, eta=eta, generator=generator,
@@ -319,6 +319,16 @@ class IDDPM(LightningModule):
                 f"sample_steps={sample_steps!r} is not a number of steps for sampler dpm_solver, which spaces its own "
                 f"steps; set sample_steps to a count from 1 to T={T} (it is meant for 10-25)"
             )
+        try:
+            dpm_solver_timesteps(self.diffusion.betas, int(count), self._lambda_min)
+        except ValueError as e:
+            raise ConfigError(f"sample_steps={sample_steps!r} for sampler dpm_solver: {e}; set sample_steps to "
+                              f"fewer (it is meant for 10-25)") from None
+
+    @property
+    def _lambda_min(self) -> float:
+        """DPM-Solver's λ clip: diffusers' recommended −5.1 for the cosine schedule, none otherwise."""
+        return COSINE_LAMBDA_MIN if self.hparams.noise_schedule == "cosine" else -float("inf")
 
     def respaced(self, sample_steps: str | int) -> GaussianDiffusion:
         """The diffusion respaced to ``sample_steps`` (cached: respacing T = 4000 costs a few ms);

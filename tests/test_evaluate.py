@@ -101,6 +101,9 @@ def test_inception_features_name_the_extractor_and_give_the_inception_score(tmp_
     ("other size", ["16x16x1 (H x W x C) images but the reference 8x8x1"]),
     ("no inception weights", ["weights-inception-2015-12-05-6726825d.pth", "nowhere/w.pth", "download it"]),
     ("corrupt npz", ["cannot be read as an npz"]),
+    ("tiny reference", ["--reference=", "has 2 image(s), fewer than the 4"]),
+    ("16-bit PNGs", ["is a I;16 image, not 8 bits per channel"]),
+    ("reference not YAML", ["cannot be read as YAML"]),
 ])
 def test_bad_inputs_are_one_sentence_before_any_work(tmp_path, run_main, case, needles):
     images = digits_u8()[:10]
@@ -116,6 +119,18 @@ def test_bad_inputs_are_one_sentence_before_any_work(tmp_path, run_main, case, n
         samples = write_npz(tmp_path / "s.npz", images[:3])
     elif case == "other size":
         samples = write_npz(tmp_path / "s.npz", np.zeros((10, 16, 16, 1), np.uint8))
+    elif case == "tiny reference":
+        samples, reference = write_npz(tmp_path / "s.npz", images), str(write_npz(tmp_path / "r.npz", images[:2]))
+    elif case == "16-bit PNGs":
+        from PIL import Image
+
+        samples = tmp_path / "png16"
+        samples.mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((8, 8), 1000 * i, np.uint16)).save(samples / f"{i}.png")
+    elif case == "reference not YAML":
+        samples, reference = write_npz(tmp_path / "s.npz", images), str(tmp_path / "bad.yaml")
+        (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
     elif case == "corrupt npz":
         samples = tmp_path / "s.npz"
         samples.write_bytes(b"PK\x03\x04 not really a zip file")

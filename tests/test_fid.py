@@ -383,6 +383,8 @@ class Unreadable(torch.utils.data.Dataset):
      ["reference_split='val' is empty", "data.val_size"]),
     ("unreadable", dict(), Unreadable, ["reference_split='train' cannot be read", "image 5: truncated file",
                                         "data.root"]),
+    ("too small", dict(reference_split="val"), lambda d: torch.utils.data.Subset(d, [0, 1]),
+     ["reference_split='val' has 2 image(s)", "fewer than the 4"]),
 ])
 def test_bad_reference_split_fails_in_setup_before_training(tmp_path, case, fid_kw, make, needles):
     model = tiny_iddpm()

@@ -80,9 +80,11 @@ def test_dpm_solver_is_deterministic_given_the_noise_and_uses_epsilon_only():
     assert a.abs().max() <= 1 + 1e-6  # x̂_0 clipped to [-1, 1] by default, as ancestral and DDIM sampling clip
 
 
-def test_dpm_solver_refuses_a_respaced_diffusion():
+def test_dpm_solver_refuses_a_respaced_diffusion_and_steps_that_would_repeat():
     with pytest.raises(ValueError, match="unrespaced"):
         DIFFUSION.respace(50).dpm_solver_sample_loop(gaussian_model(M, S), (2, 1, 4, 4), 10)
+    with pytest.raises(ValueError, match="1000 DPM-Solver steps repeat timesteps"):
+        DIFFUSION.dpm_solver_sample_loop(gaussian_model(M, S), (2, 1, 4, 4), 1000)
 
 
 def test_the_module_samples_with_dpm_solver_as_the_core_does_and_refuses_respacings():
@@ -97,5 +99,9 @@ def test_the_module_samples_with_dpm_solver_as_the_core_does_and_refuses_respaci
     for steps in (None, "ddim5", "10,15", 51):
         with pytest.raises(ConfigError, match=r"sample_steps=.* sampler dpm_solver.* from 1 to T=50"):
             module.sample(2, steps, "dpm_solver")
+    # Near T, diffusers' rounded steps repeat (a step of size 0 would give NaN images): refused, naming the most.
+    with pytest.raises(ConfigError, match=r"sample_steps=50 for sampler dpm_solver: 50 DPM-Solver steps repeat "
+                                          r"timesteps of this T=50 schedule: at most \d+"):
+        module.sample(2, 50, "dpm_solver")
     with pytest.raises(ConfigError, match="solver_order=4"):
         module.sample(2, 7, "dpm_solver", solver_order=4)

@@ -24,7 +24,7 @@ from ..data import Reference
 from ..errors import ConfigError
 from ..evaluation.features import (INCEPTION_FILE, INCEPTION_URL, DigitFeatures,  # noqa: F401 (re-exported)
                                    InceptionFeatures, default_cache_dir, to_uint8, wrap)
-from ..evaluation.metrics import ReferenceStats, metric_names, sample_quality
+from ..evaluation.metrics import MIN_SAMPLES, ReferenceStats, metric_names, sample_quality
 from ..rng import seeded_generator
 from ..settings import (ClosedUnitInterval, Features, MetricSampleCount, NonNegativeInt, PositiveInt, Sampler,
                         SampleSteps, SolverOrder, check_args)
@@ -133,8 +133,10 @@ class FID(Callback):
 
     @property
     def state_key(self) -> str:
+        # The inception key is the one of before the digits features existed, so older checkpoints resume.
+        extra = {} if self.features == "inception" else {"features": self.features}
         return self._generate_state_key(reference_split=self.reference_split, sample_steps=self.sample_steps,
-                                        sampler=self.sampler)
+                                        sampler=self.sampler, **extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {"val_epochs": self._val_epochs}
@@ -164,7 +166,7 @@ class FID(Callback):
             device = trainer.strategy.root_device  # where the module will be; it may not be there yet
             with torch.inference_mode(False), torch.no_grad():
                 if self.features == "digits" and not self._given:
-                    self.extractor = digit_features(dm, self.cache_dir or default_cache_dir())
+                    self.extractor = self._shared_digit_features(trainer, dm)
                 self.extractor.to(device)
                 self._load_or_compute_reference(trainer, device)
             self._reference_of = dm
@@ -183,6 +185,21 @@ class FID(Callback):
             if value is not None and not name.endswith("_std"):
                 # Equal on every rank already; sync_dist only silences Lightning's warning.
                 pl_module.log(f"val/{name}", value, prog_bar=name == self.main_metric, sync_dist=True)
+
+    def _shared_digit_features(self, trainer: Trainer, dm) -> DigitFeatures:
+        """The digits classifier, with rank 0's weights on every rank (ranks on other machines could
+        train slightly different ones; every feature must come from one network)."""
+        error, extractor = None, None
+        try:
+            extractor = digit_features(dm, self.cache_dir or default_cache_dir())
+        except ConfigError as err:
+            error = str(err)
+        self._agree(trainer, error)
+        if trainer.world_size > 1:
+            state, name = trainer.strategy.broadcast((extractor.net.state_dict(), extractor.name), src=0)
+            extractor.net.load_state_dict(state)
+            extractor.name = name
+        return extractor
 
     @property
     def main_metric(self) -> str:
@@ -207,11 +224,17 @@ class FID(Callback):
         D, K = self.extractor.num_features, self.extractor.num_logits
         local = torch.cat(rows) if rows else torch.zeros(0, D + K, device=pl_module.device)
         everything = self._gather(trainer, local, self.num_samples, None)  # (num_samples, D + K)
-        values = None
+        outcome = None
         if trainer.is_global_zero:
-            values = sample_quality(everything[:, :D], everything[:, D:] if K else None, self.reference,
-                                    self.extractor.prefix, self.extractor.classifier)
-        return trainer.strategy.broadcast(values, src=0)
+            try:
+                outcome = ("ok", sample_quality(everything[:, :D], everything[:, D:] if K else None, self.reference,
+                                                self.extractor.prefix, self.extractor.classifier))
+            except Exception as err:  # raised on every rank below, not on rank 0 alone (the others would wait)
+                outcome = ("error", f"FID: the metrics failed on rank 0 ({type(err).__name__}: {err})")
+        status, values = trainer.strategy.broadcast(outcome, src=0)
+        if status == "error":
+            raise RuntimeError(values)
+        return values
 
     def _features_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(features | logits) [N, D + K] of uint8 images [N, C, H, W], float32."""
@@ -253,6 +276,10 @@ class FID(Callback):
                 error = (f"FID reference_split={self.reference_split!r} is empty ({where} has no images); point the "
                          f"data settings (data.root, data.val_size) at data with images, or set reference_split to "
                          f"the other split")
+            elif n < MIN_SAMPLES:
+                error = (f"FID reference_split={self.reference_split!r} has {n} image(s) ({where}), fewer than the "
+                         f"{MIN_SAMPLES} the metrics need (a covariance, and each image's 3 nearest others); raise "
+                         f"data.val_size or set reference_split to train")
             else:
                 path = self._cache_file(trainer, reference)
                 key = self._cache_key(reference)

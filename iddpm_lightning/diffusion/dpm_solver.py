@@ -9,8 +9,9 @@ The solver is diffusers'; this file only configures it like our diffusion and ru
 - x̂_0 is clipped to [−1, 1] as our ancestral and DDIM samplers clip it (diffusers'
   ``thresholding`` with ``sample_max_value=1``: the dynamic threshold clamped to 1 is the
   static clip);
-- for the cosine schedule, λ_t = log(ᾱ_t / (1 − ᾱ_t)) is clipped at −5.1 as diffusers
-  recommends for it: the chain starts where ᾱ_t ≈ 0.006 rather than at the capped β_T = 0.999;
+- for the cosine schedule, diffusers' λ_t = ½ log(ᾱ_t / (1 − ᾱ_t)) is clipped at −5.1 as it
+  recommends: the chain starts where ᾱ_t ≈ 4e-5 (t = 995 of 1000) rather than at the capped
+  β_T = 0.999, where λ is extreme;
 - ``lower_order_final`` (diffusers' default): the last steps drop to first order, which keeps
   chains of fewer than 15 steps stable.
 
@@ -46,6 +47,24 @@ def dpm_solver_scheduler(betas: torch.Tensor, order: int = 2, lambda_min: float 
     )
 
 
+def dpm_solver_timesteps(betas: torch.Tensor, steps: int, lambda_min: float = -float("inf")) -> torch.Tensor:
+    """The original timesteps [steps] the solver visits; a ValueError if ``steps`` is too many for the
+    schedule (diffusers rounds a linspace, so near T steps repeat and a step of size 0 divides by 0)."""
+    scheduler = dpm_solver_scheduler(betas, 2, lambda_min)
+    scheduler.set_timesteps(steps, device="cpu")
+    timesteps = scheduler.timesteps
+    if len(torch.unique(timesteps)) != len(timesteps):
+        most = next(n for n in range(steps - 1, 0, -1) if _distinct(betas, n, lambda_min))
+        raise ValueError(f"{steps} DPM-Solver steps repeat timesteps of this T={len(betas)} schedule: at most {most}")
+    return timesteps
+
+
+def _distinct(betas: torch.Tensor, steps: int, lambda_min: float) -> bool:
+    scheduler = dpm_solver_scheduler(betas, 2, lambda_min)
+    scheduler.set_timesteps(steps, device="cpu")
+    return len(torch.unique(scheduler.timesteps)) == steps
+
+
 @torch.no_grad()
 def dpm_solver_sample_loop(
     model,
@@ -66,6 +85,7 @@ def dpm_solver_sample_loop(
     (or [B, 2C, H, W] with the variance, which is ignored). Deterministic given x_T. Give
     ``lambda_min=COSINE_LAMBDA_MIN`` for the cosine schedule.
     """
+    dpm_solver_timesteps(betas, steps, lambda_min)  # refuses a count whose steps would repeat
     scheduler = dpm_solver_scheduler(betas, order, lambda_min, clip_denoised)
     device = device if device is not None else betas.device
     scheduler.set_timesteps(steps, device=device)

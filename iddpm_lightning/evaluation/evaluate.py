@@ -39,6 +39,7 @@ from .metrics import MIN_SAMPLES, ReferenceStats, metric_names, sample_quality
 DEFAULT_INCEPTION = f"data/{INCEPTION_FILE}"
 IMAGE_SUFFIXES = (".png",)
 UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)  # what np.load raises for a broken file
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr")  # PIL modes of 8 bits per channel
 NOTES = {"digits": "digits-classifier features: a digits metric, NOT comparable with Inception FID",
          "inception": "torch-fidelity's Inception-v3 (the TF1 reference FID network), 2048 pool features"}
 
@@ -60,8 +61,15 @@ def read_images(path: Path, what: str) -> np.ndarray:
 
         arrays = []
         for f in files:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16", "I") else "RGB"))
+            try:
+                with Image.open(f) as im:
+                    if im.mode not in EIGHT_BIT_MODES:
+                        raise ConfigError(f"{what}={str(path)!r}: {f.name} is a {im.mode} image, not 8 bits per channel; "
+                                          f"evaluate reads 8-bit greyscale or RGB PNGs (convert it, e.g. scaling 16-bit by 1/257)")
+                    a = np.asarray(im.convert("L" if im.mode in ("L", "1", "LA") else "RGB"))
+            except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+                raise ConfigError(f"{what}={str(path)!r}: {f.name} cannot be read as an image ({err}); remove or "
+                                  f"replace it") from None
             arrays.append(a[..., None] if a.ndim == 2 else a)
         if len({a.shape for a in arrays}) > 1:
             raise ConfigError(f"{what}={str(path)!r} holds PNGs of different sizes ({sorted({a.shape for a in arrays})[:3]}); "
@@ -112,8 +120,12 @@ def data_module_of(config: Path):
     from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule
 
-    raw = yaml.safe_load(config.read_text()) or {}
-    if "data" not in raw:
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--reference={str(config)!r} cannot be read as YAML ({' '.join(str(err).split())[:200]}); "
+                          f"give a config such as configs/digits.yaml") from None
+    if not isinstance(raw, dict) or "data" not in raw:
         raise ConfigError(f"--reference={str(config)!r} has no data section; give a config such as configs/digits.yaml")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
@@ -122,6 +134,9 @@ def data_module_of(config: Path):
     except Exception as err:
         raise ConfigError(f"--reference={str(config)!r}: its data section is invalid ({' '.join(str(err).split())[:300]})"
                           ) from None
+    if not callable(getattr(dm, "reference", None)):
+        raise ConfigError(f"--reference={str(config)!r}: its data module {type(dm).__name__} has no reference(split); "
+                          f"use one of iddpm_lightning.data's data modules, or give the reference images as an npz")
     dm.setup("validate")
     return dm, Path(raw.get("run_dir", "runs/default"))
 
@@ -149,8 +164,15 @@ class ReferenceSource:
             self.description = f"{self.owner}'s {split} split of {path}"
             self.tag = split
         elif is_statistics(path):
-            with np.load(path) as npz:
-                mu, sigma = npz["mu"], npz["sigma"]
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    mu, sigma = npz["mu"], npz["sigma"]
+            except UNREADABLE as err:
+                raise ConfigError(f"--reference={arg!r} cannot be read as a statistics npz ({err}); give mu and sigma "
+                                  f"as float arrays") from None
+            if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
+                raise ConfigError(f"--reference={arg!r} holds mu of dtype {mu.dtype} and sigma of dtype {sigma.dtype}; "
+                                  f"a statistics file needs float arrays")
             if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
                 raise ConfigError(f"--reference={arg!r} holds mu of shape {mu.shape} and sigma of shape {sigma.shape}; "
                                   f"a statistics file needs mu [D] and sigma [D, D]")
@@ -166,6 +188,9 @@ class ReferenceSource:
             folder = (path.parent if path.is_file() else path) / "fid_stats"
             self.description = f"{len(self.images)} images of {path}"
             self.tag = path.stem
+        if self.images is not None and len(self.images) < MIN_SAMPLES:
+            raise ConfigError(f"--reference={arg!r} has {len(self.images)} image(s), fewer than the {MIN_SAMPLES} the "
+                              f"metrics need (a covariance, and each image's 3 nearest others); give more images")
         self.folder = Path(cache_dir) if cache_dir is not None else folder
 
     @property
@@ -224,7 +249,7 @@ def reference_stats(reference: ReferenceSource, extractor, batch_size: int, devi
     try:
         check_writable(path.parent)
         stats.save(path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # a full disk is a RuntimeError from torch.save
         print(f"warning: cannot write the reference cache in {path.parent} ({err}); set --cache_dir to a writable "
               f"folder to reuse it")
         path = None
@@ -240,6 +265,8 @@ def evaluate(samples: str, reference: str, split: str = "train", features: str =
     """Score ``samples`` against ``reference`` (see the module docstring); returns what the JSON holds."""
     if batch_size < 1:
         raise ConfigError(f"--batch_size={batch_size} must be at least 1; set it to a positive number of images")
+    if out and Path(out).is_dir():
+        raise ConfigError(f"--out={out!r} is a folder; give the path of the JSON file to write")
     started = time.perf_counter()
     samples_path = Path(samples)
     images = read_images(samples_path, "--samples")
@@ -260,8 +287,9 @@ def evaluate(samples: str, reference: str, split: str = "train", features: str =
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise ConfigError(f"--device={device!r} is not a device; use cpu or cuda (cuda:1 for the second GPU)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={device} but this machine has no CUDA device; use --device cpu")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s); use "
+                          f"--device cpu or an existing cuda:N")
     extractor = extractor_for(kind, ref, inception_weights, Path(cache_dir) if cache_dir else default_cache_dir()).to(dev)
     stats, cache, cached = reference_stats(ref, extractor, batch_size, dev)
     t0 = time.perf_counter()

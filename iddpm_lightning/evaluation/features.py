@@ -186,24 +186,29 @@ class DigitFeatures(nn.Module):
         trained and written there atomically (``cache_dir`` None: trained, not cached)."""
         key = json.dumps({"classifier": "DigitClassifier", **DIGIT_TRAINING, "data": data_key}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        name = f"digits-cnn-v{DIGIT_TRAINING['version']}:64:{digest}"
         path = None if cache_dir is None else Path(cache_dir).expanduser() / f"digits_classifier_{digest}.pt"
+        net = None
         if path is not None and path.is_file():
             try:
                 saved = torch.load(path, map_location="cpu", weights_only=True)
                 if saved.get("key") == key:
                     net = DigitClassifier()
                     net.load_state_dict(saved["state_dict"])
-                    return cls(net, name)
             except Exception:  # an unreadable cache is retrained and rewritten
-                pass
-        net = train_digit_classifier(images, labels)
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                net = None
+        if net is None:
+            net = train_digit_classifier(images, labels)
+            if path is not None:
                 tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-                torch.save({"key": key, "state_dict": net.state_dict()}, tmp)
-                replace_durably(tmp, path)
-            except OSError:
-                pass  # not cached: the next run trains it again (4 s)
-        return cls(net, name)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({"key": key, "state_dict": net.state_dict()}, tmp)
+                    replace_durably(tmp, path)
+                except (OSError, RuntimeError):  # a full disk is a RuntimeError from torch.save
+                    pass  # not cached: the next run trains it again (4 s)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        # The name (in every output and reference cache key) follows the weights themselves, so
+        # statistics of another training of the classifier (another machine's kernels) never mix.
+        weights = hashlib.sha256(b"".join(t.numpy().tobytes() for t in net.state_dict().values())).hexdigest()[:12]
+        return cls(net, f"digits-cnn-v{DIGIT_TRAINING['version']}:64:{digest}:{weights}")
