@@ -128,7 +128,7 @@ class DigitClassifier(nn.Module):
 
 # How the classifier is trained; part of its cache key. Label smoothing keeps its confidence
 # informative (measured on a first design: without it uniform noise read 0.76 confident, with it
-# 0.28; held-out digits 0.99 and 0.88).
+# 0.28; held-out digits 0.99 and 0.88. This design with it: noise 0.37, held-out digits 0.87).
 DIGIT_TRAINING = {"version": 1, "seed": 0, "epochs": 15, "batch_size": 64, "lr": 1e-3, "label_smoothing": 0.1}
 
 
