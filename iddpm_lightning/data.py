@@ -48,6 +48,11 @@ def to_model_range(u8: Tensor, flip: bool = False) -> Tensor:
     return x.flip(-1) if flip else x
 
 
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] -> uint8 [0, 255], rounded and clamped: the inverse of ``to_model_range``."""
+    return ((x.float() + 1) * 127.5).round().clamp_(0, 255).to(torch.uint8)
+
+
 def _split(n: int, held_out: Sequence[int], seed: int) -> list[Tensor]:
     """Cut a fixed-seed permutation of ``range(n)`` into the ``held_out`` sizes, then the rest (each sorted)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
 from .compat import RUNTIME, check_compatible, plain
+from .data import to_uint8
 from .diffusion import GaussianDiffusion, get_named_beta_schedule
 from .diffusion.dpm_solver import COSINE_LAMBDA_MIN, dpm_solver_timesteps
 from .diffusion.resample import TimestepSampler, UniformSampler
@@ -352,6 +353,6 @@ class IDDPM(LightningModule):
         x = self.sample(len(indices), batch.sample_steps, batch.sampler, batch.eta, labels=labels, generator=g,
                         progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None,
                         solver_order=batch.solver_order)
-        images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (b, H, W, C)
+        images = to_uint8(x).permute(0, 2, 3, 1)  # (b, H, W, C)
         return {"index": indices, "image": images,
                 "label": labels if labels is not None else torch.zeros_like(indices)}

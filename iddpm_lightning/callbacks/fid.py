@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..data import Reference
 from ..errors import ConfigError
 from ..evaluation.features import (INCEPTION_FILE, INCEPTION_URL, DigitFeatures,  # noqa: F401 (re-exported)
-                                   InceptionFeatures, default_cache_dir, to_uint8, wrap)
+                                   InceptionFeatures, default_cache_dir, to_rgb, to_uint8, wrap)
 from ..evaluation.metrics import MIN_SAMPLES, ReferenceStats, metric_names, sample_quality
 from ..rng import seeded_generator
 from ..settings import (ClosedUnitInterval, Features, MetricSampleCount, NonNegativeInt, PositiveInt, Sampler,
@@ -36,8 +36,7 @@ CACHE_VERSION = 2  # 2: features kept for KID and precision/recall (1 held torch
 def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] ``[N, C, H, W]`` -> uint8 [0, 255] (rounded, the inverse of ``u / 127.5 - 1``)
     with 3 channels (greyscale repeated)."""
-    u8 = to_uint8(x)
-    return u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
+    return to_rgb(to_uint8(x))
 
 
 class FID(Callback):

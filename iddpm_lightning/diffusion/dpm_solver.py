@@ -50,19 +50,22 @@ def dpm_solver_scheduler(betas: torch.Tensor, order: int = 2, lambda_min: float 
 def dpm_solver_timesteps(betas: torch.Tensor, steps: int, lambda_min: float = -float("inf")) -> torch.Tensor:
     """The original timesteps [steps] the solver visits; a ValueError if ``steps`` is too many for the
     schedule (diffusers rounds a linspace, so near T steps repeat and a step of size 0 divides by 0)."""
-    scheduler = dpm_solver_scheduler(betas, 2, lambda_min)
-    scheduler.set_timesteps(steps, device="cpu")
-    timesteps = scheduler.timesteps
-    if len(torch.unique(timesteps)) != len(timesteps):
-        most = next(n for n in range(steps - 1, 0, -1) if _distinct(betas, n, lambda_min))
-        raise ValueError(f"{steps} DPM-Solver steps repeat timesteps of this T={len(betas)} schedule: at most {most}")
+    timesteps = _timesteps(betas, steps, lambda_min)
+    _require_distinct(timesteps, betas, lambda_min)
     return timesteps
 
 
-def _distinct(betas: torch.Tensor, steps: int, lambda_min: float) -> bool:
+def _timesteps(betas: torch.Tensor, steps: int, lambda_min: float) -> torch.Tensor:
     scheduler = dpm_solver_scheduler(betas, 2, lambda_min)
     scheduler.set_timesteps(steps, device="cpu")
-    return len(torch.unique(scheduler.timesteps)) == steps
+    return scheduler.timesteps
+
+
+def _require_distinct(timesteps: torch.Tensor, betas: torch.Tensor, lambda_min: float) -> None:
+    steps = len(timesteps)
+    if len(torch.unique(timesteps)) != steps:
+        most = next(n for n in range(steps - 1, 0, -1) if len(torch.unique(_timesteps(betas, n, lambda_min))) == n)
+        raise ValueError(f"{steps} DPM-Solver steps repeat timesteps of this T={len(betas)} schedule: at most {most}")
 
 
 @torch.no_grad()
@@ -85,10 +88,10 @@ def dpm_solver_sample_loop(
     (or [B, 2C, H, W] with the variance, which is ignored). Deterministic given x_T. Give
     ``lambda_min=COSINE_LAMBDA_MIN`` for the cosine schedule.
     """
-    dpm_solver_timesteps(betas, steps, lambda_min)  # refuses a count whose steps would repeat
     scheduler = dpm_solver_scheduler(betas, order, lambda_min, clip_denoised)
     device = device if device is not None else betas.device
     scheduler.set_timesteps(steps, device=device)
+    _require_distinct(scheduler.timesteps.cpu(), betas, lambda_min)  # refuses a count whose steps would repeat
     x = noise.to(device) if noise is not None else torch.randn(*shape, generator=generator, device=device)
     x = x * scheduler.init_noise_sigma  # (B, C, H, W)
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpointing import replace_durably
+from ..data import to_uint8  # noqa: F401 (re-exported: the uint8 images every extractor reads)
 from ..errors import ConfigError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -37,9 +38,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "iddpm_lightning"
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] ``[N, C, H, W]`` -> uint8 [0, 255], rounded: the inverse of ``u / 127.5 - 1``."""
-    return ((x.float() + 1) * 127.5).round().clamp_(0, 255).to(torch.uint8)
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] with greyscale (C = 1) repeated to 3 channels, as RGB networks read it."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 class InceptionFeatures(nn.Module):
@@ -72,8 +73,7 @@ class InceptionFeatures(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images  # (N, 3, H, W) uint8
-        features, logits = self.net(rgb)
+        features, logits = self.net(to_rgb(images))  # uint8 (N, 3, H, W) in
         return features, logits  # (N, 2048), (N, 1008)
 
 
@@ -90,7 +90,7 @@ class _Wrapped(nn.Module):
         self.name = f"{type(module).__module__}.{type(module).__qualname__}:{module.num_features}"
 
     def forward(self, images: torch.Tensor):
-        return self.module(images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images), None
+        return self.module(to_rgb(images)), None
 
 
 def wrap(extractor: nn.Module, owner: str = "feature_extractor") -> nn.Module:
