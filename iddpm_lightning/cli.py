@@ -157,6 +157,12 @@ class IDDPMCLI(LightningCLI):
             print(f"warning: --ckpt_path continues the run with the checkpoint's seed_everything={seed}; the "
                   f"configured {cfg.seed_everything!r} is NOT used", file=sys.stderr)
             cfg.seed_everything = seed
+        unet = hparams.get("unet")
+        if isinstance(unet, dict) and "mid_attention_norm" not in unet and cfg.get("model") is not None:
+            # the stock handling next merges the checkpoint's settings: one it lacks keeps the config's value
+            rank_zero_info(f"{path} was written before model.unet.mid_attention_norm existed: its UNet is built "
+                           f"without the middle block's attention norm, as it was trained")
+            cfg.model.unet.mid_attention_norm = False
         self._ckpt_hparams = hparams
         _warn_unused_model_settings(cfg.get("model"), hparams)
 

@@ -18,7 +18,8 @@ from .errors import ConfigError
 # What a model is: a checkpoint with other values cannot load into it (dropout and the
 # attention heads can change, e.g. to fine-tune: the weights keep their shapes).
 STRUCTURE = ("in_channels", "image_size", "class_cond", "num_classes", "timesteps", "noise_schedule",
-             "model_var_type", "unet.block_out_channels", "unet.layers_per_block", "unet.attention_resolutions")
+             "model_var_type", "unet.block_out_channels", "unet.layers_per_block", "unet.attention_resolutions",
+             "unet.mid_attention_norm")
 
 # How to run a model, not what it is: not saved with the hyperparameters, so a checkpoint
 # never overrides them (``--ckpt_path`` takes them from the config and command line).
@@ -48,10 +49,20 @@ def plain(value):
     return value
 
 
+def legacy_unet(unet: dict) -> dict:
+    """A checkpoint's ``unet`` settings with the value each setting added since had for the
+    checkpoints written before it: their UNets were built without the middle block's
+    attention norm."""
+    return {"mid_attention_norm": False, **unet}
+
+
 def check_compatible(saved: dict, hparams: dict) -> None:
     """Raise a ConfigError naming every structural setting in which a checkpoint's
     hyperparameters ``saved`` differ from the model's ``hparams``."""
-    saved, hparams = flat(plain(dict(saved))), flat(plain(dict(hparams)))
+    saved = dict(saved)
+    if isinstance(saved.get("unet"), dict):
+        saved["unet"] = legacy_unet(saved["unet"])
+    saved, hparams = flat(plain(saved)), flat(plain(dict(hparams)))
     differ = [f"{k}={saved[k]!r} (here {hparams[k]!r})" for k in STRUCTURE
               if k in saved and k in hparams and saved[k] != hparams[k]
               and (k != "num_classes" or hparams.get("class_cond"))]

@@ -91,6 +91,7 @@ def export_to_diffusers(ckpt_path: str | Path, out_dir: str | Path, use_ema: boo
     from diffusers import DDPMPipeline, DDPMScheduler
 
     from .module import IDDPM
+    from .unet import attention_heads
 
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path {ckpt_path} does not exist; give the path of a .ckpt file, "
@@ -132,6 +133,13 @@ def export_to_diffusers(ckpt_path: str | Path, out_dir: str | Path, use_ema: boo
             f"use a checkpoint written by 'python -m iddpm_lightning fit'"
         ) from None
     unet = (model.ema_unet if use_ema else model.unet).eval().requires_grad_(False)
+    if unet.config.attention_head_dim is None:
+        widths = sorted({width for width, _ in attention_heads(unet)})
+        raise ConfigError(
+            f"this UNet's attention layers are {widths} channels wide with {model.hparams.unet['num_heads']} heads each, "
+            f"i.e. other channels per head in each, which a diffusers UNet2DModel config cannot hold (one "
+            f"attention_head_dim for every layer); only models with the same channels per head everywhere export"
+        )
     scheduler = DDPMScheduler(**ddpm_scheduler_config(model.hparams.timesteps, model.hparams.noise_schedule,
                                                       model.hparams.model_var_type))
     pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)

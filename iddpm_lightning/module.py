@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from .compat import RUNTIME, check_compatible, plain
+from .compat import RUNTIME, check_compatible, legacy_unet, plain
 from .data import to_uint8
 from .diffusion import GaussianDiffusion, get_named_beta_schedule
 from .diffusion.dpm_solver import COSINE_LAMBDA_MIN, dpm_solver_timesteps
@@ -97,7 +97,7 @@ class IDDPM(LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        unet = UNetConfig(**unet) if isinstance(unet, dict) else unet  # a checkpoint's hyper_parameters hold a dict
+        unet = UNetConfig(**legacy_unet(unet)) if isinstance(unet, dict) else unet  # a checkpoint's hyper_parameters hold a dict
         self.save_hyperparameters(ignore=RUNTIME)
         plain(self.hparams)  # checkpoints hold plain types
         try:

@@ -1,11 +1,41 @@
 """The UNet: its structure as one dataclass (``UNetConfig``, as nanoGPT's ``GPTConfig``), and
-diffusers' ``UNet2DModel`` built from it like the paper's model."""
+diffusers' ``UNet2DModel`` built from it like the paper's model (improved-diffusion's ``unet.py``).
+
+Made to match the paper's UNet:
+- residual blocks take the timestep embedding as a scale and shift of their second group norm
+  (``use_scale_shift_norm``): ``resnet_time_scale_shift="scale_shift"``;
+- every attention layer, the middle block's too, normalises its input with a 32-group norm first
+  (diffusers leaves the middle block's out under ``scale_shift`` unless ``attn_norm_num_groups``
+  is given);
+- 4 heads in every attention layer (``num_heads``), whatever its width;
+- the last convolution of every residual block, the output projection of every attention layer
+  and the output convolution start at zero (the paper's ``zero_module``), so that each block
+  starts as the identity and the model's first output is 0.
+
+Already the same in diffusers: the sinusoidal timestep embedding ([cos, sin], max period
+10,000) and its 2-layer SiLU MLP to 4x the first width; the class embedding added to it; the
+down path (blocks, then a stride-2 convolution, except at the last level) and the up path
+(blocks + 1 per level, with the skips concatenated); GroupNorm(32, eps 1e-5) and SiLU; the
+output's norm, SiLU and 3x3 convolution; attention scaled by 1/sqrt(channels per head); every
+other weight with PyTorch's default initialisation, as in the paper's code.
+
+What still differs: the attention's query, key and value are three linear maps where the paper
+has one 1x1 convolution into 3x the channels (the same function class, drawn from the same
+initial distribution, but other parameter names); and when
+the attention layers have different widths (the ImageNet-64 model: 256, 384 and 512 channels),
+4 heads means other channels per head in each, which diffusers' config cannot say (it has one
+``attention_head_dim``): the heads are then set on the built layers, and ``export`` refuses
+such a model.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from diffusers import UNet2DModel
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 
 from .errors import ConfigError
 from .settings import PositiveInt, UnitIntervalOpenRight, check_args
@@ -21,15 +51,23 @@ class UNetConfig:
             norm's groups), e.g. [128, 256, 256, 256].
         layers_per_block: Residual blocks per resolution level.
         attention_resolutions: Resolutions (in pixels) whose blocks get self-attention.
-        attention_head_dim: Channels per attention head.
+        attention_head_dim: Channels per head instead of ``num_heads`` heads (diffusers'
+            convention, and guided-diffusion's ``num_head_channels``): the heads then grow
+            with the width. Checkpoints written before ``num_heads`` existed set it.
         dropout: Dropout in the residual blocks (the paper uses 0.3 on CIFAR-10).
+        num_heads: Heads of every attention layer (the paper's 4), unless
+            ``attention_head_dim`` is set.
+        mid_attention_norm: Group-normalise the middle block's attention input, as the
+            paper; false builds the UNet of checkpoints written before this setting existed.
     """
 
     block_out_channels: list[PositiveInt] = field(default_factory=lambda: [128, 256, 256, 256])
     layers_per_block: PositiveInt = 3
     attention_resolutions: list[PositiveInt] = field(default_factory=lambda: [16, 8])
-    attention_head_dim: PositiveInt = 64
+    attention_head_dim: PositiveInt | None = None
     dropout: UnitIntervalOpenRight = 0.0
+    num_heads: PositiveInt = 4
+    mid_attention_norm: bool = True
 
     def __post_init__(self) -> None:
         check_args("model.unet.", UNetConfig, vars(self))
@@ -44,12 +82,10 @@ def build_unet(
 ) -> UNet2DModel:
     """A UNet with one level per entry of ``config.block_out_channels``; level i works at
     ``image_size / 2**i`` pixels and has self-attention if that resolution is in
-    ``config.attention_resolutions``. Residual blocks use the timestep embedding as a scale
-    and shift of the group norm (the paper's ``use_scale_shift_norm``); the middle block has
+    ``config.attention_resolutions``; the middle block (at the last level's width) always has
     attention, as in the paper. ``in_channels``, ``image_size`` and the classes follow the data.
     """
     block_out_channels, attention_resolutions = list(config.block_out_channels), list(config.attention_resolutions)
-    attention_head_dim = config.attention_head_dim
     levels = len(block_out_channels)
     if levels < 1:
         raise ConfigError("model.unet.block_out_channels needs at least one level, e.g. [64, 128]")
@@ -73,17 +109,11 @@ def build_unet(
             f"model.unet.attention_resolutions {list(attention_resolutions)} names {stray}, which no level of this UNet "
             f"works at (its levels are at {resolutions} pixels); use some of {resolutions}, or [] for none"
         )
-    # diffusers gives a level channels // attention_head_dim heads; the middle block (at the last
-    # level's width) always has attention
-    headless = [c for i, (c, r) in enumerate(zip(block_out_channels, resolutions))
-                if (r in attention_resolutions or i == levels - 1) and c < attention_head_dim]
-    if headless:
-        raise ConfigError(
-            f"model.unet.attention_head_dim={attention_head_dim} (channels per head) exceeds the {headless} channels of "
-            f"a level with attention or of the middle block, which would get no head; use at most {min(headless)}"
-        )
     attention = [r in attention_resolutions for r in resolutions]
-    return UNet2DModel(
+    widths = sorted({c for c, a in zip(block_out_channels, attention) if a} | {block_out_channels[-1]})
+    head_dims = {c: _head_dim(config, c) for c in widths}  # channels per head of each attention width
+    uniform = len(set(head_dims.values())) == 1
+    unet = UNet2DModel(
         sample_size=image_size,
         in_channels=in_channels,
         out_channels=out_channels,
@@ -91,8 +121,58 @@ def build_unet(
         layers_per_block=config.layers_per_block,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        attention_head_dim=attention_head_dim,
+        # one attention_head_dim for every layer, so heads = width // it: right for every layer
+        # only when all have the same channels per head; else set per layer below
+        attention_head_dim=head_dims[widths[0]] if uniform else None,
+        attn_norm_num_groups=32 if config.mid_attention_norm else None,
         dropout=config.dropout,
         resnet_time_scale_shift="scale_shift",
         num_class_embeds=num_class_embeds,
     )
+    for module in unet.modules():
+        if isinstance(module, Attention) and not uniform:
+            width = module.to_q.in_features
+            module.heads = module.sliceable_head_dim = width // head_dims[width]
+            module.scale = head_dims[width] ** -0.5
+    zero_init_like_the_paper(unet)
+    return unet
+
+
+def _head_dim(config: UNetConfig, width: int) -> int:
+    """Channels per head of an attention layer ``width`` channels wide."""
+    if config.attention_head_dim is not None:
+        if width < config.attention_head_dim:
+            raise ConfigError(
+                f"model.unet.attention_head_dim={config.attention_head_dim} (channels per head) exceeds the {width} "
+                f"channels of a level with attention or of the middle block, which would get no head; use at most "
+                f"{width}"
+            )
+        return config.attention_head_dim
+    if width % config.num_heads != 0:
+        raise ConfigError(
+            f"model.unet.num_heads={config.num_heads} does not divide the {width} channels of a level with attention "
+            f"or of the middle block; use a divisor of {width} such as 4"
+        )
+    return width // config.num_heads
+
+
+@torch.no_grad()
+def zero_init_like_the_paper(unet: UNet2DModel) -> None:
+    """Zero the weights and biases of each residual block's last convolution, each attention
+    layer's output projection and the output convolution (improved-diffusion's
+    ``zero_module``): every block starts as its skip connection and the UNet's output as 0,
+    while each of those layers still gets a gradient from its input."""
+    layers = [unet.conv_out]
+    for module in unet.modules():
+        if isinstance(module, ResnetBlock2D):
+            layers.append(module.conv2)
+        elif isinstance(module, Attention):
+            layers.append(module.to_out[0])
+    for layer in layers:
+        for p in layer.parameters():
+            p.zero_()
+
+
+def attention_heads(unet: UNet2DModel) -> list[tuple[int, int]]:
+    """(width, heads) of every attention layer, in module order."""
+    return [(m.to_q.in_features, m.heads) for m in unet.modules() if isinstance(m, Attention)]

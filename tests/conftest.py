@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from iddpm_lightning.unet import UNetConfig
 
@@ -29,6 +30,24 @@ TINY = [
     "--trainer.limit_val_batches=1",
     "--trainer.val_check_interval=2",
 ]
+
+
+def as_trained(model, seed: int = 0):
+    """``model`` (an IDDPM) with random weights in the layers the paper zero-initialises, EMA
+    included: an untrained UNet outputs exactly 0, under which two routes to a number agree
+    trivially; a test comparing them needs outputs that depend on the inputs."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(seed)
+    for m in model.unet.modules():
+        if isinstance(m, ResnetBlock2D):
+            m.conv2.reset_parameters()
+        elif isinstance(m, Attention):
+            m.to_out[0].reset_parameters()
+    model.unet.conv_out.reset_parameters()
+    model.ema_unet.load_state_dict(model.unet.state_dict())
+    return model
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True,

@@ -17,6 +17,7 @@ from iddpm_lightning.diffusion.schedules import space_timesteps
 from iddpm_lightning.errors import ConfigError
 from iddpm_lightning.export import ddpm_scheduler_config, export_to_diffusers
 from iddpm_lightning.module import IDDPM
+from iddpm_lightning.unet import UNetConfig
 
 from .conftest import TINY_UNET, run_cli
 
@@ -227,6 +228,11 @@ def test_refusals_and_overwrite(exported, tmp_path):
     with pytest.raises(ConfigError, match=r"class_cond: true.*DDPMPipeline"):
         export_to_diffusers(conditional, tmp_path / "cond")
     assert not (tmp_path / "cond").exists()
+    # 4 heads over widths 32 and 64: 8 and 16 channels per head, which no diffusers config holds
+    uneven = save_checkpoint(tiny_model(unet=UNetConfig([32, 64], 1, [8, 4])), tmp_path / "uneven.ckpt")
+    with pytest.raises(ConfigError, match=r"\[32, 64\] channels wide with 4 heads each"):
+        export_to_diffusers(uneven, tmp_path / "uneven")
+    assert not (tmp_path / "uneven").exists()
     with pytest.raises(ConfigError, match="does not exist"):
         export_to_diffusers(tmp_path / "missing.ckpt", tmp_path / "x")
 

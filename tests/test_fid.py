@@ -25,7 +25,7 @@ from iddpm_lightning.data import DigitsDataModule, to_model_range
 from iddpm_lightning.errors import ConfigError
 from iddpm_lightning.module import IDDPM
 from iddpm_lightning.rng import seeded_generator
-from tests.conftest import REPO, TINY_UNET  # absolute: this file also runs as the DDP script
+from tests.conftest import REPO, TINY_UNET, as_trained  # absolute: this file also runs as the DDP script
 
 THIS = Path(__file__).resolve()
 
@@ -325,7 +325,7 @@ class Probe(Callback):
 
 def tiny_iddpm() -> IDDPM:
     torch.manual_seed(0)
-    return IDDPM(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20)
+    return as_trained(IDDPM(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20))
 
 
 def fit_trainer(root: Path, *callbacks, **kw) -> Trainer:

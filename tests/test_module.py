@@ -15,13 +15,13 @@ from iddpm_lightning.module import IDDPM
 from iddpm_lightning.rng import seeded_generator
 from iddpm_lightning.unet import UNetConfig
 
-from .conftest import TINY_UNET
+from .conftest import TINY_UNET, as_trained
 
 TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20)
 
 
 def tiny(**kw) -> IDDPM:
-    return IDDPM(**{**TINY, **kw})
+    return as_trained(IDDPM(**{**TINY, **kw}))
 
 
 def loader(n=32, batch_size=8):
@@ -151,7 +151,7 @@ def test_sampling_uses_eval_weights_and_is_reproducible():
     model = tiny()
     with torch.no_grad():
         for p in model.ema_unet.parameters():
-            p.mul_(0.5)
+            p.mul_(0.5).add_(0.01)  # the output layer starts at zero (as the paper's): give it weights
     g = lambda: torch.Generator().manual_seed(3)
     a = model.sample(3, sample_steps=5, generator=g())
     b = model.sample(3, sample_steps=5, generator=g())
@@ -184,7 +184,8 @@ def test_runtime_settings_are_not_hyperparameters_and_a_dict_unet_rebuilds_the_m
     model = tiny(bpd_batch_size=7, eval_with_ema=False)
     assert not {"eval_with_ema", "bpd_batch_size", "channels_last", "compile"} & set(model.hparams)
     assert model.hparams.unet == {"block_out_channels": [32], "layers_per_block": 1, "attention_resolutions": [],
-                                  "attention_head_dim": 8, "dropout": 0.0}  # plain data, as a checkpoint holds it
+                                  "attention_head_dim": 8, "dropout": 0.0, "num_heads": 4,
+                                  "mid_attention_norm": True}  # plain data, as a checkpoint holds it
     again = IDDPM(**model.hparams)  # what load_from_checkpoint and export do
     assert again.hparams == model.hparams and again.bpd_batch_size == 256
     assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]

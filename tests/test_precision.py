@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from iddpm_lightning.callbacks import BpdReport
 from iddpm_lightning.module import IDDPM
 
-from .conftest import TINY_UNET
+from .conftest import TINY_UNET, as_trained
 
 TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=30)
 
@@ -38,8 +38,7 @@ def test_bf16_mixed_training_is_finite_and_close_to_float32(loss_type):
 
 
 def test_test_bits_per_dim_do_not_depend_on_precision(tmp_path):
-    torch.manual_seed(0)
-    model = IDDPM(**TINY)
+    model = as_trained(IDDPM(**TINY))
     results = {}
     for precision in ("32-true", "bf16-mixed"):
         root = tmp_path / precision

@@ -20,7 +20,7 @@ from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
 from iddpm_lightning.diffusion.dpm_solver import COSINE_LAMBDA_MIN
 from iddpm_lightning.errors import ConfigError
 from iddpm_lightning.module import IDDPM
-from tests.conftest import TINY_UNET
+from tests.conftest import TINY_UNET, as_trained
 
 M, S = 0.5, 1.0  # the data: N(0.5, 1) in every pixel
 SHAPE = (2000, 1, 4, 4)  # 32,000 independent values: standard errors 0.0056 (mean) and 0.0079 (variance)
@@ -89,7 +89,7 @@ def test_dpm_solver_refuses_a_respaced_diffusion_and_steps_that_would_repeat():
 
 def test_the_module_samples_with_dpm_solver_as_the_core_does_and_refuses_respacings():
     torch.manual_seed(0)
-    module = IDDPM(unet=TINY_UNET, image_size=8, in_channels=1, timesteps=50)
+    module = as_trained(IDDPM(unet=TINY_UNET, image_size=8, in_channels=1, timesteps=50))
     x = module.sample(3, 7, "dpm_solver", generator=torch.Generator().manual_seed(2), solver_order=3)
     expected = module.diffusion.dpm_solver_sample_loop(
         module.model_fn(module.eval_unet), (3, 1, 8, 8), 7, order=3, lambda_min=COSINE_LAMBDA_MIN,

@@ -9,7 +9,7 @@ import torch
 from iddpm_lightning.data import DigitsDataModule
 from iddpm_lightning.module import IDDPM
 
-from .conftest import TINY_UNET
+from .conftest import TINY_UNET, as_trained
 
 TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=100)
 
@@ -17,7 +17,7 @@ TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=100)
 def pair(**options) -> tuple[IDDPM, IDDPM]:
     """A plain model and one with ``options``, holding the same weights."""
     torch.manual_seed(0)
-    plain = IDDPM(**TINY)
+    plain = as_trained(IDDPM(**TINY))
     fast = IDDPM(**TINY, **options)
     fast.load_state_dict(plain.state_dict())
     return plain, fast
@@ -84,7 +84,7 @@ def test_compiled_unet_trains_and_evaluates_like_eager():
 def test_bpd_batch_size_changes_no_number_for_a_class_conditional_model():
     # k timesteps per call repeat the B labels k times: a wrong layout would change L_t
     torch.manual_seed(0)
-    model = IDDPM(**{**TINY, "timesteps": 20}, class_cond=True, num_classes=3).eval()
+    model = as_trained(IDDPM(**{**TINY, "timesteps": 20}, class_cond=True, num_classes=3)).eval()
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     labels = torch.tensor([0, 1, 2, 1])
     outs = [model.diffusion.calc_bpd_loop(model.model_fn(model.ema_unet, labels), x,
