@@ -1,7 +1,9 @@
 """Callbacks: importance sampling of t, bits/dim and FID during validation, sample grids,
-the non-finite guard of every fit, the test report and the writer behind `predict`."""
+the non-finite guard of every fit, the test report, the writer behind `predict` and the
+gradient norm."""
 
 from .fid import FID
+from .gradnorm import GradNorm
 from .guard import NonFiniteGuard
 from .importance import ImportanceSampler
 from .nll import BitsPerDim
@@ -9,4 +11,4 @@ from .report import BpdReport
 from .samples import SampleGrid
 from .writer import SampleWriter
 
-__all__ = ["BitsPerDim", "BpdReport", "FID", "ImportanceSampler", "NonFiniteGuard", "SampleGrid", "SampleWriter"]
+__all__ = ["BitsPerDim", "BpdReport", "FID", "GradNorm", "ImportanceSampler", "NonFiniteGuard", "SampleGrid", "SampleWriter"]

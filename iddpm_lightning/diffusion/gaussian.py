@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -157,7 +157,17 @@ class GaussianDiffusion(nn.Module):
         Its β come from ᾱ at the kept steps, β'_i = 1 − ᾱ_{k_i} / ᾱ_{k_{i-1}}, so its ᾱ
         equals the original ᾱ at every kept step; its model calls use original indices.
         """
-        kept = space_timesteps(self.num_timesteps, section_counts)
+        return self.spaced(space_timesteps(self.num_timesteps, section_counts))
+
+    def spaced(self, use_timesteps: Sequence[int]) -> "GaussianDiffusion":
+        """A diffusion over the original steps ``use_timesteps`` (distinct, any order; the
+        paper's ``SpacedDiffusion``), with β'_i = 1 − ᾱ_{k_i} / ᾱ_{k_{i-1}} over the kept
+        k_0 < k_1 < ...: its ᾱ equals the original ᾱ at every kept step. Its reverse process
+        starts from N(0, I) at the last kept step, so keeping only steps below some t' < T
+        skips the first T − t' steps of the original reverse process (the paper's Fig. 3)."""
+        kept = sorted(set(int(k) for k in use_timesteps))
+        if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+            raise ValueError(f"use_timesteps must be steps of 0..{self.num_timesteps - 1}, got {list(use_timesteps)}")
         alphas_cumprod = self.alphas_cumprod.cpu().numpy()[kept]
         betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
         return GaussianDiffusion(

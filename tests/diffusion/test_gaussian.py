@@ -702,6 +702,24 @@ def test_respace_everything_is_identity():
     np.testing.assert_allclose(np_(d.posterior_variance), np_(base.posterior_variance), rtol=1e-9, atol=1e-15)
 
 
+def test_a_reverse_process_that_skips_its_first_steps_starts_from_noise_below_t_prime():
+    """``spaced`` over the steps below t' = 0.75 T (the paper's Fig. 3): ᾱ of the kept steps,
+    the first model call at the last kept step, and a respaced diffusion of it equal to spaced()."""
+    T = 40
+    betas = get_named_beta_schedule("linear", T)
+    base = GaussianDiffusion(betas, model_var_type="learned_range", loss_type="hybrid")
+    kept = space_timesteps(30, "10")  # 10 steps spaced over [0, 30)
+    d = base.spaced(reversed(kept))  # any order
+    assert d.timestep_map.tolist() == kept and kept[-1] < 30
+    np.testing.assert_allclose(np_(d.alphas_cumprod), np.cumprod(1 - betas)[kept], rtol=1e-12)
+    spy = SpyModel(1, learned=True)
+    d.p_sample_loop(spy, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert [tt.tolist() for tt in spy.ts] == [[k, k] for k in reversed(kept)]
+    np.testing.assert_array_equal(np_(base.respace("ddim5").betas), np_(base.spaced(space_timesteps(T, "ddim5")).betas))
+    with pytest.raises(ValueError, match="use_timesteps must be steps of 0..39"):
+        base.spaced([3, 40])
+
+
 def test_respaced_models_receive_original_indices_p_sample_loop():
     T = 50
     betas = get_named_beta_schedule("cosine", T)

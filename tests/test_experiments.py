@@ -1,0 +1,86 @@
+"""The reproduction suite: its statistics, the gradient-norm callback it reads, and ``--quick``
+end to end (every claim gets numbers and a verdict; the report's numbers are its JSON's; a rerun
+trains nothing and a run whose end was lost resumes)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from iddpm_lightning.callbacks import GradNorm
+from iddpm_lightning.experiments.claims import NOT, PARTLY, REPRODUCED, mean_se, verdict
+from iddpm_lightning.experiments.measure import window_noise
+
+
+def test_grad_norm_logs_the_global_two_norm_of_every_gradient():
+    a, b, frozen = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True), torch.zeros(4)
+    a.grad, b.grad = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([0.0, 4.0])
+    logged = {}
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.update({name: float(value)}))
+    optimizer = SimpleNamespace(param_groups=[{"params": [a, frozen]}, {"params": [b]}])
+    GradNorm().on_before_optimizer_step(None, module, optimizer)
+    assert logged == {"train/grad_norm": pytest.approx(math.sqrt(1 + 4 + 4 + 16))}
+
+
+def test_mean_se_window_noise_and_verdicts_are_their_closed_forms():
+    assert mean_se([1.0, 3.0]) == {"mean": 2.0, "se": pytest.approx(1.0), "n": 2}  # std √2, / √2
+    assert mean_se([5.0]) == {"mean": 5.0, "se": None, "n": 1}
+    assert mean_se([None, float("nan")])["mean"] is None
+    w = window_noise([1.0, 3.0, 1.0, 3.0])
+    assert w["mean"] == 2.0 and w["std"] == pytest.approx(math.sqrt(4 / 3)) and w["cv"] == pytest.approx(w["std"] / 2)
+    assert w["diff_std"] == pytest.approx(math.sqrt(16 / 3) / math.sqrt(2))  # diffs 2, -2, 2: variance 16/3
+    assert window_noise([4.0, 5.0, 6.0, 7.0])["diff_std"] == 0.0  # a trend alone is no noise
+    assert [verdict(f) for f in ([True, True], [True, False], [False, False])] == [REPRODUCED, PARTLY, NOT]
+
+
+@pytest.mark.slow
+def test_the_quick_suite_measures_every_claim_and_a_rerun_only_reads_the_cache(tmp_path, capsys):
+    from iddpm_lightning.experiments.__main__ import run
+
+    out, runs_dir = tmp_path / "docs" / "reproduction", tmp_path / "runs"
+    result = run(out, runs_dir, quick=True, cache_dir=tmp_path / "cache")
+    claims = {c["id"]: c for c in result["claims"]}
+    assert sorted(claims) == [1, 2, 3, 4]
+    for c in claims.values():
+        assert c["verdict"] in (REPRODUCED, PARTLY, NOT) and c["findings"] and c["paper"] and c["wall_s"] > 0
+        assert all(isinstance(ok, bool) for ok in c["findings"].values())
+        assert c["verdict"] == verdict(list(c["findings"].values()))
+        assert c["verdict"] == REPRODUCED or c["reason"]
+    finite = [claims[1]["cells"][f"{label} @ 5"]["fd_digits"]["mean"] for label in claims[1]["variants"]]
+    finite += [claims[2]["bpd"][s]["mean"] for s in ("cosine", "linear")]
+    finite += [claims[2]["skip"][s]["0.25"]["ratio"]["mean"] for s in ("cosine", "linear")]
+    finite += [claims[3]["bpd"][label][str(n)]["mean"] for label in claims[3]["recipes"] for n in (2, 4, 6)]
+    finite += [claims[4]["noise"][label][tag]["std"]["mean"] for label in claims[4]["noise"]
+               for tag in ("train/loss", "train/grad_norm")]
+    assert all(v is not None and math.isfinite(v) and v >= 0 for v in finite), finite
+
+    md = (tmp_path / "docs" / "reproduction.md").read_text()
+    saved = json.loads((out / "reproduction.json").read_text())
+    for c in saved["claims"]:
+        assert f"| {c['id']}. {c['title']} | **{c['verdict']}** |" in md
+    for schedule, stat in saved["claims"][1]["bpd"].items():
+        assert f"| {schedule} | {stat['mean']:.3f}" in md  # the table shows the JSON's numbers
+    assert all((out / f"claim{i}.png").stat().st_size > 1000 for i in (1, 2, 3, 4))
+
+    # A run whose end was lost (killed after its last checkpoint) resumes; its cached measurement,
+    # removed, is measured again to the same value; nothing else is trained or measured again.
+    folder = runs_dir / next(p.name for p in runs_dir.iterdir() if p.name.startswith("hybrid-s0"))
+    (folder / "done.json").unlink()
+    values = json.loads((folder / "measurements.json").read_text())
+    key = next(k for k in values if k.startswith("quality/ddpm/5/"))
+    kept = values.pop(key)
+    (folder / "measurements.json").write_text(json.dumps(values))
+    others = [p for p in runs_dir.glob("*/checkpoints/*.ckpt") if p.parent.parent != folder]
+    stamps = {p: p.stat().st_mtime_ns for p in others}
+    capsys.readouterr()
+    again = run(out, runs_dir, quick=True, cache_dir=tmp_path / "cache")
+    printed = capsys.readouterr().out
+    assert "hybrid-s0: resuming" in printed and "steps in" not in printed and (folder / "done.json").is_file()
+    remeasured = json.loads((folder / "measurements.json").read_text())[key]
+    assert {k: v for k, v in remeasured.items() if k != "wall_s"} == {k: v for k, v in kept.items() if k != "wall_s"}
+    assert {p: p.stat().st_mtime_ns for p in others} == stamps
+    assert [c["verdict"] for c in again["claims"]] == [c["verdict"] for c in result["claims"]]
