@@ -14,6 +14,7 @@ report (``callbacks/report.py``), sample grids, FID and bits/dim during validati
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
@@ -156,6 +157,18 @@ class IDDPM(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         plain(checkpoint)  # callback states and data module settings too
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``, with the UNet of a checkpoint written before a UNet
+        setting existed built as it was trained (``compat.legacy_unet``): the CLI's checkpoints
+        are rebuilt by jsonargparse, which would give a missing setting today's default."""
+        if "unet" not in kwargs and isinstance(checkpoint_path, (str, Path)):
+            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            unet = saved.get("hyper_parameters", {}).get("unet")
+            if isinstance(unet, dict):
+                kwargs["unet"] = legacy_unet(unet)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model before its weights meet a size mismatch."""
