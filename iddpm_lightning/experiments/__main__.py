@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from ..evaluation.features import default_cache_dir
 from .claims import CLAIMS, REPRODUCED, Suite
-from .measure import Digits
+from .measure import Digits, Measurements
 from .plan import FULL, QUICK, runs_of, train
 from .report import write
 
@@ -41,7 +42,7 @@ def run(out: Path, runs_dir: Path, quick: bool = False, cache_dir: Path | None =
             c.pop("caveat")
         claims.append(c)
         print(f"claim {c['id']}: {c['verdict']}", flush=True)
-    measured = sum(v["wall_s"] for f in folders.values() for v in _measurements(f).values())
+    measured = sum(v["wall_s"] for f in folders.values() for v in Measurements(f).values.values())
     result = {
         "command": " ".join(["python -m iddpm_lightning.experiments run", f"--out {out}",
                              *(["--quick"] if quick else [])]),
@@ -68,15 +69,7 @@ def _machine() -> str:
 
 
 def _done(folder: Path) -> float:
-    import json
-
     return json.loads((folder / "done.json").read_text())["wall_s"]
-
-
-def _measurements(folder: Path) -> dict:
-    from .measure import Measurements
-
-    return Measurements(folder).values
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,18 @@ def verdict(findings: list[bool]) -> str:
     return REPRODUCED if all(findings) else PARTLY if any(findings) else NOT
 
 
+def lower_for_every_seed(a: list[float], b: list[float]) -> bool:
+    """a < b seed by seed (the lists are in seed order)."""
+    return all(x < y for x, y in zip(a, b))
+
+
+def judged(id: int, title: str, paper: str, rule: str, findings: dict[str, bool], caveat: str, **numbers) -> dict:
+    """A claim's result: the paper's statement, the findings with the verdict their ``rule`` gives,
+    the caveat shown when the verdict is not "reproduced", and the numbers behind them."""
+    return {"id": id, "title": title, "paper": paper, "rule": rule, "findings": findings,
+            "verdict": verdict(list(findings.values())), "caveat": caveat, **numbers}
+
+
 @dataclass
 class Suite:
     """The trained runs and the measurements on them (cached per run)."""
@@ -100,8 +112,8 @@ def claim_sampling_steps(suite: Suite) -> dict:
             if steps == s.full_steps and sampler != "ddpm":
                 continue  # DDIM and DPM-Solver are for few steps
             runs = [r for r in suite.runs(recipe) if steps != s.full_steps or r.seed in s.full_seeds]
-            cells[(label, steps)] = {m: {**mean_se([suite.quality(r, sampler, steps, variance)[m] for r in runs]),
-                                         "seeds": [suite.quality(r, sampler, steps, variance)[m] for r in runs]}
+            quality = [suite.quality(r, sampler, steps, variance) for r in runs]
+            cells[(label, steps)] = {m: {**mean_se([q[m] for q in quality]), "seeds": [q[m] for q in quality]}
                                      for m in METRICS}
     hybrid, small, large = list(variants)[:3]
     few = s.step_counts[:2]
@@ -109,24 +121,23 @@ def claim_sampling_steps(suite: Suite) -> dict:
     def fd(label, steps):
         return cells[(label, steps)]["fd_digits"]["seeds"]
 
-    wins = all(h < min(a, b) for steps in few for h, a, b in zip(fd(hybrid, steps), fd(small, steps), fd(large, steps)))
+    wins = all(lower_for_every_seed(fd(hybrid, steps), [min(a, b) for a, b in zip(fd(small, steps), fd(large, steps))])
+               for steps in few)
     near = s.step_counts[-1]
     keeps = all(h <= 1.25 * f for h, f in zip(fd(hybrid, near), fd(hybrid, s.full_steps)))
     findings = {f"at {few[0]} and {few[1]} steps L_hybrid's FD is below both fixed variances' (every seed)": wins,
                 f"L_hybrid at {near} steps is within 25 % of its own FD at {s.full_steps} steps (seeds {list(s.full_seeds)})": keeps}
-    return {
-        "id": 1, "title": "Learned variances keep sample quality with few sampling steps",
-        "paper": "§4 and Fig. 8: with the learned Σ of L_hybrid, 50-100 respaced ancestral steps give nearly the FID "
-                 "of the full 4,000 (an order of magnitude fewer forward passes, \"a negligible difference in sample "
-                 "quality\"); L_simple with Σ = β̃ degrades badly with few steps and Σ = β less so.",
-        "rule": "reproduced if both findings hold, partly if one does",
-        "findings": findings, "verdict": verdict(list(findings.values())),
-        "caveat": "The paper's Fig. 8 is for converged CIFAR-10 and ImageNet models and 50,000 samples; these are "
-                  f"{s.lengths[-1]}-step models scored on {s.num_samples} samples, whose FD moves by several tenths "
-                  "between draws.",
-        "budgets": budgets, "variants": list(variants),
-        "cells": {f"{label} @ {steps}": v for (label, steps), v in cells.items()},
-    }
+    return judged(
+        1, "Learned variances keep sample quality with few sampling steps",
+        "§4 and Fig. 8: with the learned Σ of L_hybrid, 50-100 respaced ancestral steps give nearly the FID "
+        "of the full 4,000 (an order of magnitude fewer forward passes, \"a negligible difference in sample "
+        "quality\"); L_simple with Σ = β̃ degrades badly with few steps and Σ = β less so.",
+        "reproduced if both findings hold, partly if one does", findings,
+        "The paper's Fig. 8 is for converged CIFAR-10 and ImageNet models and 50,000 samples; these are "
+        f"{s.lengths[-1]}-step models scored on {s.num_samples} samples, whose FD moves by several tenths "
+        "between draws.",
+        budgets=budgets, variants=list(variants), cells={f"{label} @ {steps}": v for (label, steps), v in cells.items()},
+    )
 
 
 def claim_cosine_schedule(suite: Suite) -> dict:
@@ -147,26 +158,24 @@ def claim_cosine_schedule(suite: Suite) -> dict:
     worst = f"{max(s.skip_fractions):g}"
     findings = {
         "the cosine schedule has the lower test bits/dim (every seed)":
-            all(c < lin for c, lin in zip(out["bpd"]["cosine"]["seeds"], out["bpd"]["linear"]["seeds"])),
+            lower_for_every_seed(out["bpd"]["cosine"]["seeds"], out["bpd"]["linear"]["seeds"]),
         f"the cosine schedule has the lower FD at {s.step_counts[-1]} steps (every seed)":
-            all(c < lin for c, lin in zip(out["fd"]["cosine"]["seeds"], out["fd"]["linear"]["seeds"])),
+            lower_for_every_seed(out["fd"]["cosine"]["seeds"], out["fd"]["linear"]["seeds"]),
         f"skipping the first {float(worst):.0%} of the reverse process costs the linear schedule less FD (as a ratio) "
         f"than the cosine one (every seed)":
-            all(lin < c for lin, c in zip(out["skip"]["linear"][worst]["ratio_seeds"],
-                                          out["skip"]["cosine"][worst]["ratio_seeds"])),
+            lower_for_every_seed(out["skip"]["linear"][worst]["ratio_seeds"], out["skip"]["cosine"][worst]["ratio_seeds"]),
     }
-    return {
-        "id": 2, "title": "The cosine schedule beats the linear one at low resolution",
-        "paper": "§3.2, Table 2 and Fig. 3: the linear schedule destroys information too fast at 64x64 and 32x32, "
-                 "so the end of its forward process is almost pure noise: skipping up to 20 % of its reverse process "
-                 "barely changes FID. The cosine schedule (eq. 17) uses those steps and improves log-likelihood and FID.",
-        "rule": "reproduced if all three findings hold, partly if one or two do",
-        "findings": findings, "verdict": verdict(list(findings.values())),
-        "caveat": "ᾱ_t of either schedule does not depend on the image size, but what destroying information fast "
-                  "costs does: an 8x8 digit has 64 pixels to denoise where the paper's images have 3,072 or 12,288, "
-                  f"and these models trained {s.lengths[-1]} steps, not the paper's hundreds of thousands.",
+    return judged(
+        2, "The cosine schedule beats the linear one at low resolution",
+        "§3.2, Table 2 and Fig. 3: the linear schedule destroys information too fast at 64x64 and 32x32, "
+        "so the end of its forward process is almost pure noise: skipping up to 20 % of its reverse process "
+        "barely changes FID. The cosine schedule (eq. 17) uses those steps and improves log-likelihood and FID.",
+        "reproduced if all three findings hold, partly if one or two do", findings,
+        "ᾱ_t of either schedule does not depend on the image size, but what destroying information fast "
+        "costs does: an 8x8 digit has 64 pixels to denoise where the paper's images have 3,072 or 12,288, "
+        f"and these models trained {s.lengths[-1]} steps, not the paper's hundreds of thousands.",
         **out,
-    }
+    )
 
 
 def claim_vlb_vs_hybrid(suite: Suite) -> dict:
@@ -183,19 +192,18 @@ def claim_vlb_vs_hybrid(suite: Suite) -> dict:
         f"L_vlb (importance-sampled) has the lower test bits/dim after {last} steps (every seed)":
             all(g < 0 for g in gaps[last]),
         f"L_hybrid has the lower FD at {s.step_counts[-1]} steps (every seed)":
-            all(a < b for a, b in zip(fd[h]["seeds"], fd[v]["seeds"])),
+            lower_for_every_seed(fd[h]["seeds"], fd[v]["seeds"]),
     }
-    return {
-        "id": 3, "title": "L_vlb gives the best bits/dim, L_hybrid the better samples",
-        "paper": "Table 2 and §3.3: trained long enough (hundreds of thousands of steps), L_vlb with importance-sampled t "
-                 "reaches the best log-likelihood (2.94 bits/dim on CIFAR-10), while L_hybrid keeps the better FID.",
-        "rule": "reproduced if both findings hold, partly if one does",
-        "findings": findings, "verdict": verdict(list(findings.values())),
-        "caveat": f"L_vlb's advantage in the paper comes after hundreds of thousands of steps; here every model trains "
-                  f"{s.lengths[-1]}, and the gap column shows how far L_vlb is from overtaking L_hybrid at each length.",
-        "recipes": list(recipes.values()),
-        "bpd": bpd, "fd": fd, "vlb_minus_hybrid_bpd": {step: mean_se(g) for step, g in gaps.items()},
-    }
+    return judged(
+        3, "L_vlb gives the best bits/dim, L_hybrid the better samples",
+        "Table 2 and §3.3: trained long enough (hundreds of thousands of steps), L_vlb with importance-sampled t "
+        "reaches the best log-likelihood (2.94 bits/dim on CIFAR-10), while L_hybrid keeps the better FID.",
+        "reproduced if both findings hold, partly if one does", findings,
+        f"L_vlb's advantage in the paper comes after hundreds of thousands of steps; here every model trains "
+        f"{s.lengths[-1]}, and the gap column shows how far L_vlb is from overtaking L_hybrid at each length.",
+        recipes=list(recipes.values()), bpd=bpd, fd=fd,
+        vlb_minus_hybrid_bpd={step: mean_se(g) for step, g in gaps.items()},
+    )
 
 
 def claim_importance_sampling(suite: Suite) -> dict:
@@ -219,25 +227,23 @@ def claim_importance_sampling(suite: Suite) -> dict:
     IS, U = recipes["vlb"], recipes["vlb_uniform"]
 
     def lower(tag):
-        return all(a < b for a, b in zip(noise[IS][tag]["std_seeds"], noise[U][tag]["std_seeds"]))
+        return lower_for_every_seed(noise[IS][tag]["std_seeds"], noise[U][tag]["std_seeds"])
 
     findings = {
         f"the training loss's standard deviation over the last {s.curve_window} steps is lower with importance "
         f"sampling (every seed)": lower("train/loss"),
         "so is the gradient norm's (every seed)": lower("train/grad_norm"),
     }
-    return {
-        "id": 4, "title": "Importance sampling makes L_vlb far less noisy",
-        "paper": "§3.3 and Fig. 2: L_vlb with uniformly drawn t has much more gradient noise than L_hybrid; sampling t "
-                 "with p_t ∝ √E[L_t²] (eq. 18) makes its learning curve far smoother, and it then reaches the best "
-                 "log-likelihood.",
-        "rule": "reproduced if both findings hold, partly if one does",
-        "findings": findings, "verdict": verdict(list(findings.values())),
-        "caveat": "Importance sampling starts only once every t has 10 losses in its history (10·T / batch steps); "
-                  "before that both L_vlb runs draw t uniformly, so the window must lie after it.",
-        "window": s.curve_window,
-        "noise": noise, "curves_seed0": plotted,
-    }
+    return judged(
+        4, "Importance sampling makes L_vlb far less noisy",
+        "§3.3 and Fig. 2: L_vlb with uniformly drawn t has much more gradient noise than L_hybrid; sampling t "
+        "with p_t ∝ √E[L_t²] (eq. 18) makes its learning curve far smoother, and it then reaches the best "
+        "log-likelihood.",
+        "reproduced if both findings hold, partly if one does", findings,
+        "Importance sampling starts only once every t has 10 losses in its history (at least 10·T / batch steps); "
+        "before that both L_vlb runs draw t uniformly, so the window must lie after it.",
+        window=s.curve_window, noise=noise, curves_seed0=plotted,
+    )
 
 
 CLAIMS = (claim_sampling_steps, claim_cosine_schedule, claim_vlb_vs_hybrid, claim_importance_sampling)
