@@ -5,8 +5,10 @@ same weights and the same ε (one seeded generator, t = T-1 first):
 
 * plain loop: one model call per t for the given images (what the paper's evaluation
   script does, at its default of one image per batch).
-* iddpm_lightning: ``calc_bpd_loop(max_batch=model.bpd_batch_size)``: several timesteps of
-  the same images share one model call, under ``torch.inference_mode``.
+* max_batch=B: ``calc_bpd_loop(model, x, max_batch=B)``, the project's loop made to take one
+  timestep per call, as the paper's.
+* iddpm_lightning: ``calc_bpd_loop(model, x)`` as the README calls it: by default 256 inputs
+  per call, so several timesteps of the same images share one model call.
 * + channels_last / + compile: the same with those model options.
 
 At 1 and at 16 images. The totals must agree to 1e-4 bits/dim.
@@ -22,6 +24,7 @@ import sys
 import torch
 
 from common import alternate, build_model, images, report, timed
+from iddpm_lightning.diffusion import BPD_MAX_BATCH
 
 
 @torch.no_grad()
@@ -53,7 +56,7 @@ def main() -> None:
     if args.compile:
         variants["+ compile"] = {"compile": True}
     base = build_model(args.config).to(device).eval()
-    models = {"plain loop": base}
+    models = {"plain loop": base, "max_batch=B": base}
     for name, options in variants.items():
         models[name] = build_model(args.config, **options).to(device).eval()
         models[name].load_state_dict(base.state_dict())
@@ -64,8 +67,8 @@ def main() -> None:
         if name == "plain loop":
             return timed(lambda: plain_bpd_loop(model, x, g), device)
         fn = model.model_fn(model.eval_unet)
-        return timed(lambda: model.diffusion.calc_bpd_loop(fn, x, generator=g, max_batch=model.bpd_batch_size)
-                     ["total_bpd"], device)
+        kwargs = {"max_batch": len(x)} if name == "max_batch=B" else {}  # else the default, as the README calls it
+        return timed(lambda: model.diffusion.calc_bpd_loop(fn, x, generator=g, **kwargs)["total_bpd"], device)
 
     times, totals = {}, {}
     for n in args.images:
@@ -84,10 +87,10 @@ def main() -> None:
     diffs = {k: abs(v - totals[f"plain loop @ {k.rsplit('@ ', 1)[1]}"]) for k, v in totals.items()}
     hp = base.hparams
     config = {"config": args.config, "timesteps": hp.timesteps, "image": [hp.in_channels, hp.image_size, hp.image_size],
-              "bpd_batch_size": base.bpd_batch_size, "images": args.images, "rounds": args.rounds,
+              "max_batch_default": BPD_MAX_BATCH, "images": args.images, "rounds": args.rounds,
               "parameters": sum(p.numel() for p in base.unet.parameters()), "device": str(device)}
     print(f"T = {hp.timesteps}, {config['parameters'] / 1e6:.1f}M-parameter UNet, "
-          f"images {hp.in_channels}x{hp.image_size}x{hp.image_size}, bpd_batch_size {base.bpd_batch_size}")
+          f"images {hp.in_channels}x{hp.image_size}x{hp.image_size}, calc_bpd_loop's default max_batch {BPD_MAX_BATCH}")
     for n in args.images:
         rows = {k: v for k, v in times.items() if k.endswith(f"@ {n}")}
         report(f"bpd_eval_{n}", config, rows, f"plain loop @ {n}",

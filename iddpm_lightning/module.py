@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 
 from .compat import RUNTIME, check_compatible, legacy_unet, plain
 from .data import to_uint8
-from .diffusion import GaussianDiffusion, get_named_beta_schedule
+from .diffusion import BPD_MAX_BATCH, GaussianDiffusion, get_named_beta_schedule
 from .diffusion.dpm_solver import COSINE_LAMBDA_MIN, dpm_solver_timesteps
 from .diffusion.resample import TimestepSampler, UniformSampler
 from .errors import ConfigError
@@ -93,7 +93,7 @@ class IDDPM(LightningModule):
         ema_warmup: bool = False,
         seed: NonNegativeInt = 0,
         eval_with_ema: bool = True,
-        bpd_batch_size: PositiveInt = 256,
+        bpd_batch_size: PositiveInt = BPD_MAX_BATCH,
         channels_last: bool = False,
         compile: bool = False,
     ):

@@ -66,7 +66,8 @@ class OracleModel:
 
     def __call__(self, x, t):
         a = self.abar[t].to(x.dtype).view(-1, 1, 1, 1)
-        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        x0 = self.x0.repeat(len(x) // len(self.x0), 1, 1, 1)  # k timesteps of the B images, t-major
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         return torch.cat([eps, torch.zeros_like(eps)], dim=1)
 
 

@@ -39,6 +39,9 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MODEL_VAR_TYPES = ("learned_range", "fixed_small", "fixed_large")
 LOSS_TYPES = ("simple", "hybrid", "vlb")
 LN2 = math.log(2.0)
+# Model inputs per forward pass when evaluating bits/dim: 256 timesteps of one image (or 16 of
+# 16) per call, enough to keep a GPU or a CPU busy where one image per call leaves it idle.
+BPD_MAX_BATCH = 256
 
 
 def log_strata(num_timesteps: int, num_strata: int) -> list[int]:
@@ -323,16 +326,16 @@ class GaussianDiffusion(nn.Module):
         mean, _, log_variance = self.q_mean_variance(x_start, t)
         return mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / LN2
 
-    def _vb_chunks(
-        self, model: Model, x_start: torch.Tensor, draws, max_batch: int | None, clip_denoised: bool
-    ):
+    def _vb_chunks(self, model: Model, x_start: torch.Tensor, draws, max_batch: int, clip_denoised: bool):
         """L_t for a sequence of draws (t [B], ε [B, C, H, W]) of the same images, evaluated
         k = max(1, max_batch // B) draws per model call: the k·B inputs are t-major (input
         j·B + b is image b at the j-th draw), so a class-conditional model repeats its B labels
         k times. Batching changes no random number: the draws are made in the caller's order.
         Yields, per draw: its t [B] and ε, then vb_t [B], x̂_0 and x_t [B, C, H, W]."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be a number of model inputs >= 1, got {max_batch}")
         B = x_start.shape[0]
-        k = max(1, (max_batch or B) // B)
+        k = max(1, max_batch // B)
         x0_k = x_start.repeat(k, *([1] * (x_start.dim() - 1)))  # (kB, C, H, W), once for all chunks
         draws = iter(draws)
         while chunk := [d for _, d in zip(range(k), draws)]:
@@ -348,16 +351,18 @@ class GaussianDiffusion(nn.Module):
     @inference
     def calc_bpd_loop(
         self, model: Model, x_start: torch.Tensor, clip_denoised: bool = True,
-        generator: torch.Generator | None = None, progress: bool = False, max_batch: int | None = None,
+        generator: torch.Generator | None = None, progress: bool = False, max_batch: int = BPD_MAX_BATCH,
     ) -> dict[str, torch.Tensor]:
         """Exact variational bound of x_0 [B, C, H, W] in bits per dim: L_T + Σ_t L_t.
 
         Each t draws a fresh ε (from ``generator`` if given, in the order t = T-1, ..., 0
         like the paper's code) and evaluates L_t with x̂_0 clipped to [−1, 1] as the
-        paper's evaluation does. ``max_batch`` (default B): model inputs per forward pass;
-        k = max_batch // B timesteps of the same images share one call (see ``_vb_chunks``),
-        T / k calls in all. The numbers do not depend on it beyond float rounding; on one
-        image it is what makes the loop fast (one image per call leaves the hardware idle).
+        paper's evaluation does. ``max_batch`` (default ``BPD_MAX_BATCH`` = 256): model inputs
+        per forward pass; k = max(1, max_batch // B) timesteps of the same images share one
+        call (see ``_vb_chunks``), ⌈T / k⌉ calls in all, and ``max_batch=B`` is the paper's
+        one call per timestep. The numbers do not depend on it beyond float rounding (the
+        same ε in the same order); on few images it is what makes the loop fast, since one
+        image per call leaves the hardware idle. Lower it if memory is short.
 
         Returns (column t of every [B, T] array is timestep t — ascending, whereas the
         paper's code stacks its columns from T-1 down to 0):
@@ -391,7 +396,7 @@ class GaussianDiffusion(nn.Module):
     @inference
     def stratified_bpd(
         self, model: Model, x_start: torch.Tensor, num_strata: int, clip_denoised: bool = True,
-        generator: torch.Generator | None = None, max_batch: int | None = None,
+        generator: torch.Generator | None = None, max_batch: int = BPD_MAX_BATCH,
     ) -> dict[str, torch.Tensor]:
         """Unbiased stratified estimate of ``calc_bpd_loop``'s total bits/dim, L_T + Σ_t L_t,
         with 2K model calls instead of T, and an unbiased estimate of its own variance.
@@ -411,8 +416,9 @@ class GaussianDiffusion(nn.Module):
 
         The second draw per stratum exists only so that this variance can be estimated
         (one draw per stratum would leave σ_k² unidentifiable). With K = T every stratum
-        is one t, and X_a, X_b differ only in ε. Model calls: 2K over the batch, or
-        ⌈2K / k⌉ with k = ``max_batch`` // B ≥ 2 draws per call (as in ``calc_bpd_loop``).
+        is one t, and X_a, X_b differ only in ε. Model calls: ⌈2K / k⌉, k = max(1,
+        ``max_batch`` // B) draws of the same images per call (as in ``calc_bpd_loop``, same
+        default); ``max_batch=B`` makes the 2K calls of one draw each.
 
         Returns total_bpd [B], variance [B] (of total_bpd, given x_0), prior_bpd [B].
         """

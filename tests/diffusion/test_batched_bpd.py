@@ -2,9 +2,10 @@
 into one model call. It must change no number (the same ε in the same order as a plain
 one-call-per-t loop written here) and lay the k·B inputs out t-major."""
 
+import pytest
 import torch
 
-from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
+from iddpm_lightning.diffusion import BPD_MAX_BATCH, GaussianDiffusion, get_named_beta_schedule
 from iddpm_lightning.diffusion.gaussian import log_strata
 
 from .test_gaussian import ToyModel, grid_image
@@ -44,6 +45,32 @@ def test_batched_timesteps_give_the_plain_loops_numbers_with_fewer_calls():
             torch.testing.assert_close(outs[k][key], outs[1][key], rtol=1e-12, atol=1e-14)
 
 
+def test_the_default_call_batches_256_inputs_and_gives_the_one_call_per_timestep_numbers():
+    # calc_bpd_loop(model, x) as the README shows it: one image, T = 600 → ⌈600 / 256⌉ = 3 calls
+    T, C = 600, 1
+    d = GaussianDiffusion(get_named_beta_schedule("cosine", T))
+    x0 = grid_image((1, C, 4, 4), 69)
+    assert x0.dtype == F64
+    reference = plain_bpd_loop(d, ToyModel(C, learned=True, seed=70), x0, torch.Generator().manual_seed(8))
+    outs = {}
+    for name, kwargs in (("default", {}), ("one per t", {"max_batch": 1})):
+        model = ToyModel(C, learned=True, seed=70, record=True)
+        outs[name] = d.calc_bpd_loop(model, x0, generator=torch.Generator().manual_seed(8), **kwargs)
+        outs[name]["calls"] = [len(c["t"]) for c in model.calls]
+    assert outs["default"]["calls"] == [BPD_MAX_BATCH, BPD_MAX_BATCH, T - 2 * BPD_MAX_BATCH] and BPD_MAX_BATCH == 256
+    assert outs["one per t"]["calls"] == [1] * T
+    for out in outs.values():
+        torch.testing.assert_close(out["vb"], reference, rtol=1e-12, atol=1e-14)
+    for key in ("total_bpd", "mse", "xstart_mse"):
+        torch.testing.assert_close(outs["default"][key], outs["one per t"][key], rtol=1e-12, atol=1e-14)
+
+
+def test_max_batch_below_one_is_refused():
+    d = GaussianDiffusion(get_named_beta_schedule("cosine", 4))
+    with pytest.raises(ValueError, match="max_batch must be a number of model inputs >= 1, got 0"):
+        d.calc_bpd_loop(ToyModel(1, learned=True, seed=0), grid_image((1, 1, 4, 4), 0), max_batch=0)
+
+
 def test_batched_inputs_are_the_images_repeated_per_timestep():
     T, B, C = 6, 2, 1
     d = GaussianDiffusion(get_named_beta_schedule("cosine", T))
@@ -81,10 +108,11 @@ def test_batched_stratified_estimate_draws_the_same_t_and_noise():
     x0 = grid_image((B, C, 4, 4), 65)
     total, variance = plain_stratified(d, ToyModel(C, learned=True, seed=66), x0, K, torch.Generator().manual_seed(3))
     assert variance.min() > 0
-    for max_batch in (None, 6 * B):
+    for max_batch, calls in ((B, 2 * K), (6 * B, -(-2 * K // 6)), (None, 1)):  # None: the default, 256 inputs
         recording = ToyModel(C, learned=True, seed=66, record=True)
-        out = d.stratified_bpd(recording, x0, K, generator=torch.Generator().manual_seed(3), max_batch=max_batch)
-        assert len(recording.calls) == (2 * K if max_batch is None else -(-2 * K // 6))
+        kwargs = {} if max_batch is None else {"max_batch": max_batch}
+        out = d.stratified_bpd(recording, x0, K, generator=torch.Generator().manual_seed(3), **kwargs)
+        assert len(recording.calls) == calls
         torch.testing.assert_close(out["total_bpd"], total, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(out["variance"], variance, rtol=1e-12, atol=1e-14)
 

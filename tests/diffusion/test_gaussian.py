@@ -176,7 +176,8 @@ class PerfectModel:
         assert t.dtype == torch.long
         self.ts.append(t.clone())
         a = self.abar[t].to(x.dtype).view(-1, 1, 1, 1)
-        eps = (x - a.sqrt() * self.x0.to(x.dtype)) / (1 - a).sqrt()
+        x0 = self.x0.to(x.dtype).repeat(len(x) // len(self.x0), 1, 1, 1)  # k timesteps of the B images, t-major
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         if self.learned:
             return torch.cat([eps, -torch.ones_like(eps)], dim=1)
         return eps
@@ -555,8 +556,8 @@ def test_perfect_model_bpd():
     out = d.calc_bpd_loop(model, x0, clip_denoised=True, generator=torch.Generator().manual_seed(0))
     assert out["vb"].shape == (B, T) and out["mse"].shape == (B, T) and out["xstart_mse"].shape == (B, T)
     assert out["total_bpd"].shape == (B,) and out["prior_bpd"].shape == (B,)
-    # the model received every original timestep once
-    assert sorted(int(tt[0]) for tt in model.ts) == list(range(T))
+    # the model received every original timestep once, for each image (t-major rows)
+    assert sorted(torch.cat(model.ts).view(-1, B)[:, 0].tolist()) == list(range(T))
 
     assert out["vb"][:, 1:].abs().max().item() < 1e-6  # every KL vanishes
     assert out["mse"].abs().max().item() < 1e-10
@@ -590,7 +591,7 @@ def test_perfect_model_bpd_respaced():
     model = PerfectModel(x0, np.cumprod(1 - betas))
     out = d.calc_bpd_loop(model, x0, generator=torch.Generator().manual_seed(1))
     assert out["vb"].shape == (2, 8)
-    assert sorted(int(tt[0]) for tt in model.ts) == kept
+    assert sorted(torch.cat(model.ts).view(-1, 2)[:, 0].tolist()) == kept
     assert out["vb"][:, 1:].abs().max().item() < 1e-6
     a = np.cumprod(1 - betas)[kept[-1]]
     prior = 0.5 * (-math.log(1 - a) + (1 - a) + a * np_(x0) ** 2 - 1)
@@ -607,7 +608,8 @@ def test_calc_bpd_loop_columns_recomputed_from_recorded_calls(clip):
     B, C = 3, 2
     x0 = grid_image((B, C, 4, 4), 43)
     model = ToyModel(C, learned=True, seed=44, record=True)
-    out = d.calc_bpd_loop(model, x0, clip_denoised=clip, generator=torch.Generator().manual_seed(2))
+    # one timestep per call, so each call is one column (batching is checked in test_batched_bpd.py)
+    out = d.calc_bpd_loop(model, x0, clip_denoised=clip, generator=torch.Generator().manual_seed(2), max_batch=B)
     assert len(model.calls) == T
     abar = np.cumprod(1 - betas)
     noises = {}
