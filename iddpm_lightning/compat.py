@@ -4,7 +4,7 @@ can take its weights.
 A checkpoint is read with ``torch.load(weights_only=True)``, so it may hold only tensors and
 plain data (``plain``). Its ``hyper_parameters`` are the model's structural settings (the
 UNet's ``unet`` dict, the diffusion's, the data's image shape); how a model is run
-(``compile``, ``channels_last``, ``bpd_batch_size``, ``eval_with_ema``) is not saved, so it
+(``compile``, ``channels_last``, ``gradient_checkpointing``, ``bpd_batch_size``, ``eval_with_ema``) is not saved, so it
 always comes from the config and command line.
 """
 
@@ -23,7 +23,7 @@ STRUCTURE = ("in_channels", "image_size", "class_cond", "num_classes", "timestep
 
 # How to run a model, not what it is: not saved with the hyperparameters, so a checkpoint
 # never overrides them (``--ckpt_path`` takes them from the config and command line).
-RUNTIME = ("eval_with_ema", "bpd_batch_size", "channels_last", "compile")
+RUNTIME = ("eval_with_ema", "bpd_batch_size", "channels_last", "compile", "gradient_checkpointing")
 
 # The flat UNet keys of checkpoints written before UNetConfig (iddpm_lightning 0.1).
 _FLAT_UNET_KEYS = ("block_out_channels", "layers_per_block", "attention_resolutions", "attention_head_dim", "dropout")

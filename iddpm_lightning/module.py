@@ -73,6 +73,11 @@ class IDDPM(LightningModule):
         compile: Run-time: ``torch.compile`` the UNets (the first steps pay the compilation).
             With dropout, compiled training draws other dropout masks than eager (inductor's
             own random streams), so keep it unchanged across a resume for an exact resume.
+        gradient_checkpointing: Run-time: activation checkpointing of the trained UNet's residual
+            blocks (diffusers' ``enable_gradient_checkpointing``): their activations are
+            recomputed in the backward pass instead of kept, for a larger batch per device at
+            the cost of a second forward of those blocks. The same loss and gradients (the
+            recomputation replays the dropout masks).
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class IDDPM(LightningModule):
         bpd_batch_size: PositiveInt = BPD_MAX_BATCH,
         channels_last: bool = False,
         compile: bool = False,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         unet = UNetConfig(**legacy_unet(unet)) if isinstance(unet, dict) else unet  # a checkpoint's hyper_parameters hold a dict
@@ -121,6 +127,8 @@ class IDDPM(LightningModule):
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        if gradient_checkpointing:  # only the trained UNet: the EMA never runs with gradients
+            self.unet.enable_gradient_checkpointing()
         if compile:
             # In place (Module.compile): the state dict keeps its keys, so checkpoints of
             # compiled and eager runs are interchangeable.

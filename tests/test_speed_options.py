@@ -3,11 +3,15 @@ to the plain path on the same weights and data. (bf16-mixed: tests/test_precisio
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from diffusers.models.resnet import ResnetBlock2D
 
 from iddpm_lightning.data import DigitsDataModule
 from iddpm_lightning.module import IDDPM
+from iddpm_lightning.rng import global_rng_seeded
 
 from .conftest import TINY_UNET, as_trained
 
@@ -79,6 +83,44 @@ def test_compiled_unet_trains_and_evaluates_like_eager():
     with torch.no_grad():
         outs = [m.model_fn(m.ema_unet.eval())(x, t) for m in (plain, fast)]
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_every_residual_block_and_gives_the_same_loss_and_gradients():
+    # with dropout, so the recomputation must replay the forward's masks; the backward runs after
+    # the seeded context is left and more numbers were drawn, as in training
+    torch.manual_seed(0)
+    options = dict(TINY, unet=dataclasses.replace(TINY_UNET, dropout=0.3, layers_per_block=2))
+    plain = as_trained(IDDPM(**options))
+    saving = IDDPM(**options, gradient_checkpointing=True)
+    saving.load_state_dict(plain.state_dict())
+    assert not {"gradient_checkpointing"} & set(saving.hparams)  # how to run, not what the model is
+    x, t, noise = one_step_inputs()
+    results = []
+    for model in (plain, saving):
+        calls = []
+        resnets = [m for m in model.unet.modules() if isinstance(m, ResnetBlock2D)]
+        for block in resnets:  # counts every run of the block (checkpoint's recomputation skips module hooks)
+            block.forward = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(block.forward)
+        model.unet.train().zero_grad(set_to_none=True)
+        with global_rng_seeded(torch.device("cpu"), 0, 0, 5, 1):
+            loss = model.diffusion.training_losses(model.model_fn(model.unet), x, t, noise)["loss"].mean()
+        forward_calls = len(calls)
+        torch.rand(1000)  # the global generator moves on before the backward
+        loss.backward()
+        assert forward_calls == len(resnets) == 7  # 2 down, 2 in the middle block, 3 up
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.unet.parameters()]),
+                        len(calls) - forward_calls))
+    (loss_p, grad_p, recomputed_p), (loss_c, grad_c, recomputed_c) = results
+    # checkpointed, every residual block runs again in the backward but the middle block's first
+    # (diffusers checkpoints the blocks' loops, and that one runs before its loop)
+    assert recomputed_p == 0 and recomputed_c == 6
+    torch.testing.assert_close(loss_c, loss_p, rtol=1e-5, atol=0)
+    assert grad_p.abs().max() > 0.1
+    torch.testing.assert_close(grad_c, grad_p, rtol=1e-5, atol=1e-6)
+    # and dropout is on: another mask gives another loss
+    with global_rng_seeded(torch.device("cpu"), 0, 0, 6, 1):
+        other = plain.diffusion.training_losses(plain.model_fn(plain.unet), x, t, noise)["loss"].mean()
+    assert (other - loss_p).abs() > 1e-4
 
 
 def test_bpd_batch_size_changes_no_number_for_a_class_conditional_model():
