@@ -115,15 +115,17 @@ def build_model(config: str, **overrides):
 
 
 def images(model, n: int, device: torch.device) -> torch.Tensor:
-    """n images for the model: digits' real test images for 8x8x1, else random 8-bit
-    images (the datasets are not on this machine); [n, C, H, W] in [-1, 1]."""
+    """n images for the model: digits' real test images for 8x8x1 (repeated beyond the 297 of
+    the split), else random 8-bit images (the datasets are not on this machine); [n, C, H, W]
+    in [-1, 1]."""
     hp = model.hparams
     if (hp.image_size, hp.in_channels) == (8, 1):
         from iddpm_lightning.data import DigitsDataModule
 
         dm = DigitsDataModule(batch_size=n)
         dm.setup("test")
-        return next(iter(dm.test_dataloader()))[0].to(device)
+        x = next(iter(dm.test_dataloader()))[0]
+        return x.repeat(-(-n // len(x)), 1, 1, 1)[:n].to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, hp.in_channels, hp.image_size, hp.image_size), generator=g)
     return (x.float() / 127.5 - 1).to(device)

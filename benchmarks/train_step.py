@@ -36,14 +36,31 @@ from iddpm_lightning.data import DigitsDataModule
 
 
 class StepClock(Callback):
-    """Times the end of every training step."""
+    """Times the start of the first training step and the end of every step."""
 
     def __init__(self):
+        self.start: float | None = None
         self.ends: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start is None:
+            sync(pl_module.device)
+            self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         sync(pl_module.device)
         self.ends.append(time.perf_counter())
+
+
+def fit_steps(model, loader, steps: int, precision: str = "32-true", accelerator: str = "cpu") -> StepClock:
+    """``steps`` steps of ``Trainer.fit`` and nothing else (no validation, checkpoint, logger or
+    progress bar); the clock of those steps."""
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as root:
+        Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision, callbacks=[clock],
+                logger=False, default_root_dir=root, limit_val_batches=0, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False).fit(model, loader)
+    return clock
 
 
 def lightning_round(model, loader, steps: int, precision: str, accelerator: str, log_dir: str) -> list[float]:
