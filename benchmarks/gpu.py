@@ -298,12 +298,14 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time the compile: true variant (default: yes, but not with --tiny, where inductor's "
                              "compilation of even the small UNet takes minutes on a CPU)")
-    parser.add_argument("--out", default=str(RESULTS / "gpu.json"))
+    parser.add_argument("--out", help="the JSON (default: benchmarks/results/gpu.json; gpu_tiny.json with --tiny, "
+                                      "so that a check never overwrites a GPU's numbers)")
     args = parser.parse_args()
     if args.tiny:
         args.warmup, args.steps = 1, 2
     if args.compile is None:
         args.compile = not args.tiny
+    args.out = args.out or str(RESULTS / ("gpu_tiny.json" if args.tiny else "gpu.json"))
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py found no CUDA device: the full run is for one NVIDIA GPU (hours on a CPU); "
                  "add --tiny to check the script on a CPU in seconds")
