@@ -74,7 +74,7 @@ def steps(config: str, batch: int, n: int, **options) -> dict:
     model = build_model(config, **options)
     x = images(model, batch, torch.device("cpu"))
     clock = fit_steps(model, DataLoader(TensorDataset(x, torch.zeros(batch)), batch_size=batch), n)
-    dts = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    dts = clock.step_times()
     return {"step_s": statistics.median(dts), "first_step_s": clock.ends[0] - clock.start, "steps_timed": len(dts)}
 
 

@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from common import RESULTS, build_model, describe, images, machine, timed
+from memory import fit_line
 from train_step import fit_steps, plain_round, step_flops
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by a substring of torch.cuda.get_device_name(),
@@ -120,7 +121,7 @@ def train(bench: Bench, precision: str | None, batch: int, **options) -> dict:
         first = None  # the plain loop times steps from the end of the first
     else:
         clock = fit_steps(model, loader, steps, precision, "gpu" if bench.device.type == "cuda" else "cpu")
-        dts = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+        dts = clock.step_times()
         first, first_start = clock.ends[0] - clock.start, clock.start
     step = statistics.median(dts[bench.args.warmup - 1:])
     row = {"precision": precision or "32-true (plain loop)", **options, "batch": batch, "step_s": step,
@@ -182,8 +183,7 @@ def memory(bench: Bench) -> None:
                    "peak_gpu_memory_gib": full["peak_gpu_memory_gib"], f"peak_gpu_memory_gib_at_{half}":
                    small["peak_gpu_memory_gib"]}
             if full["peak_gpu_memory_gib"] is not None:
-                per_image = (full["peak_gpu_memory_gib"] - small["peak_gpu_memory_gib"]) / (bench.batch - half)
-                fixed = full["peak_gpu_memory_gib"] - per_image * bench.batch
+                fixed, per_image = fit_line([full, small], key="peak_gpu_memory_gib")
                 row |= {"per_image_gib": per_image, "fixed_gib": fixed,
                         **{f"largest_batch_{gib}_gib": int((gib - fixed) / per_image) for gib in GPU_GIB}}
             rows[key] = row

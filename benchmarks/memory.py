@@ -48,7 +48,7 @@ def measure_one(config: str, batch: int, checkpointing: bool, steps: int) -> dic
     x = images(model, batch, torch.device("cpu"))
     built = peak_rss_gb()
     clock = fit_steps(model, DataLoader(TensorDataset(x, torch.zeros(batch)), batch_size=batch), steps)
-    dts = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    dts = clock.step_times()
     return {"batch": batch, "gradient_checkpointing": checkpointing, "steps": steps,
             "peak_rss_gib": peak_rss_gb(), "rss_after_build_gib": built,
             "step_s": statistics.median(dts) if dts else None, "step_times_s": dts,
@@ -69,12 +69,12 @@ def measure(config: str, batch: int, checkpointing: bool, steps: int) -> dict:
     return row
 
 
-def fit_line(rows: list[dict]) -> tuple[float, float]:
-    """(fixed GiB, GiB per image) of peak RSS through the two largest batches: the line is used
-    to extrapolate upwards, and small batches carry more of the allocator's fixed slack."""
+def fit_line(rows: list[dict], key: str = "peak_rss_gib") -> tuple[float, float]:
+    """(fixed GiB, GiB per image) of the peak memory ``key`` through the two largest batches: the
+    line is used to extrapolate upwards, and small batches carry more of the allocator's fixed slack."""
     a, b = sorted(rows, key=lambda r: r["batch"])[-2:]
-    per_image = (b["peak_rss_gib"] - a["peak_rss_gib"]) / (b["batch"] - a["batch"])
-    return a["peak_rss_gib"] - per_image * a["batch"], per_image
+    per_image = (b[key] - a[key]) / (b["batch"] - a["batch"])
+    return a[key] - per_image * a["batch"], per_image
 
 
 def main() -> None:

@@ -51,6 +51,10 @@ class StepClock(Callback):
         sync(pl_module.device)
         self.ends.append(time.perf_counter())
 
+    def step_times(self) -> list[float]:
+        """Seconds of every step but the first (end to end: loading, logging and callbacks included)."""
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
 
 def fit_steps(model, loader, steps: int, precision: str = "32-true", accelerator: str = "cpu") -> StepClock:
     """``steps`` steps of ``Trainer.fit`` and nothing else (no validation, checkpoint, logger or
@@ -71,7 +75,7 @@ def lightning_round(model, loader, steps: int, precision: str, accelerator: str,
                       log_every_n_steps=10, limit_val_batches=0, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, train_dataloaders=loader)
-    return [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    return clock.step_times()
 
 
 def plain_round(model, loader, steps: int, precision: str, device: torch.device) -> list[float]:
