@@ -90,16 +90,21 @@ class IDDPMCLI(LightningCLI):
     model, and what the stock CLI lacks around ``--ckpt_path`` (see ``parse_arguments``)."""
 
     def __init__(self, args=None, run: bool = True):
-        super().__init__(
-            IDDPM,
-            LightningDataModule,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            parser_class=ConciseParser,
-            args=args,
-            run=run,
-        )
+        self.graceful_stop = GracefulStop()
+        try:
+            super().__init__(
+                IDDPM,
+                LightningDataModule,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+                parser_class=ConciseParser,
+                args=args,
+                run=run,
+            )
+        finally:
+            if run:  # whatever ended the run (Lightning's teardown re-installs the handlers it found: ours)
+                self.graceful_stop.disarm()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -197,7 +202,7 @@ class IDDPMCLI(LightningCLI):
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         # Always on: the step-boundary stop on SIGTERM, the NaN guard (fit) and the test report.
-        callbacks = [*callbacks, GracefulStop(), NonFiniteGuard(), BpdReport()]
+        callbacks = [*callbacks, self.graceful_stop, NonFiniteGuard(), BpdReport()]
         if self.subcommand == "predict":
             callbacks.append(SampleWriter(self._get(self.config_init, "sampling").out_dir))
         if trainer_cfg.get("logger") in (None, True):
@@ -222,6 +227,9 @@ class IDDPMCLI(LightningCLI):
         return Path(config.run_dir)
 
     def before_fit(self) -> None:
+        # Before anything starts loader workers (the sanity check's, the train loader's) or the FID
+        # callback's reference pass: a stop signal from here on is a clean stop, not the default kill.
+        self.graceful_stop.arm()
         t, dm = self.trainer, self.datamodule
         rank_zero_info(f"Run directory: {self._run_dir().resolve()}  (tensorboard --logdir {self._run_dir()})")
         rank_zero_info(f"Global batch: {dm.batch_size * t.world_size * t.accumulate_grad_batches} images per "
@@ -287,7 +295,7 @@ def main(args=None) -> None:
     except StopRequested as e:
         print(f"stopped by {e.signal} at an optimizer-step boundary; last.ckpt holds that step: resume with "
               f"--ckpt_path last", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM if e.signal == "SIGTERM" else 0)
+        sys.exit(0 if e.signal == "SIGINT" else 128 + signal.Signals[e.signal])
     except SIGTERMException:  # before training started: no step to save
         print("stopped by SIGTERM before the first training step; nothing was saved", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)

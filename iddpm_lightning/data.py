@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_and_extract_archive
 
+from iddpm_lightning.checkpointing import IgnoreStopSignals
 from iddpm_lightning.errors import ConfigError
 from iddpm_lightning.loaders import EpochShuffleSampler, Key, ResumableLoader, unpack
 from iddpm_lightning.settings import NonNegativeInt, PositiveInt, check_args
@@ -158,6 +159,8 @@ class _BaseDataModule(LightningDataModule):
                 )
 
     def _loader(self, dataset: Optional[Dataset], train: bool, **kwargs) -> DataLoader:
+        """A loader of ``dataset`` with this module's settings; its workers ignore the stop signals
+        (a scheduler's SIGTERM to the process group), and a given ``worker_init_fn`` still runs."""
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return (ResumableLoader if train else DataLoader)(
@@ -167,6 +170,7 @@ class _BaseDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=IgnoreStopSignals(kwargs.pop("worker_init_fn", None)),
             **kwargs,
         )
 

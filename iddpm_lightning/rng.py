@@ -53,13 +53,36 @@ def stream_seed(seed_everything) -> int:
 def random_seed() -> int:
     """``seed_everything: true``: a seed drawn at random, the same on every rank. Lightning's DDP
     launcher hands rank 0's seed to the ranks it starts in PL_GLOBAL_SEED; under an external
-    launcher (torchrun, srun) every rank would draw its own, so that is refused."""
-    if os.environ.get("LOCAL_RANK") is not None:  # a rank started by a launcher
+    launcher (torchrun, srun, mpirun, jsrun) every process would draw its own, so that is refused."""
+    launcher = multi_process_launcher()
+    if launcher is not None:
         if "PL_GLOBAL_SEED" not in os.environ:
-            raise ConfigError("seed_everything=true would draw another seed on every rank of this multi-process "
-                              "launch (torchrun, srun); set seed_everything to an integer")
+            raise ConfigError(f"seed_everything=true would draw another seed in every process of this {launcher} "
+                              f"launch; set seed_everything to an integer")
         return int(os.environ["PL_GLOBAL_SEED"])
     return int(np.random.SeedSequence().generate_state(1)[0])
+
+
+# Each launcher Lightning reads (its cluster environments), by the variables it sets in every process.
+_LAUNCHERS = (
+    ("srun", "SLURM_NTASKS"),                # SLURMEnvironment (also SLURM_PROCID, SLURM_LOCALID; no LOCAL_RANK)
+    ("torchrun", "WORLD_SIZE"),              # TorchElasticEnvironment, and Lightning's own DDP children
+    ("mpirun (Open MPI)", "OMPI_COMM_WORLD_SIZE"),  # MPIEnvironment
+    ("mpirun (MPICH, Intel MPI)", "PMI_SIZE"),
+    ("jsrun (LSF)", "JSM_NAMESPACE_SIZE"),   # LSFEnvironment
+)
+
+
+def multi_process_launcher() -> str | None:
+    """The launcher that started this process as one of several (named with its variable), or
+    None for a single process."""
+    for name, variable in _LAUNCHERS:
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 1:
+            return f"{name} ({variable}={value})"
+    if os.environ.get("LOCAL_RANK") is not None:  # a rank started by some other launcher
+        return f"multi-process (LOCAL_RANK={os.environ['LOCAL_RANK']})"
+    return None
 
 
 def _is_seed(value) -> bool:

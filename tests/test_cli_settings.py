@@ -27,6 +27,43 @@ def test_one_seed_keys_the_model_and_the_data(tmp_path, digits_config, monkeypat
     assert type(seed) is int and cli.model.hparams.seed == seed == cli.datamodule.seed
 
 
+# What srun sets in each of its tasks (it sets no LOCAL_RANK), and what torchrun sets.
+SRUN = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "77"}
+TORCHRUN = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+MPI = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2"}
+
+
+@pytest.mark.parametrize("env, named", [(SRUN, "srun (SLURM_NTASKS=2)"), (TORCHRUN, "torchrun (WORLD_SIZE=2)"),
+                                        (MPI, "mpirun (Open MPI)")])
+def test_a_random_seed_is_refused_in_every_process_of_an_external_multi_process_launch(
+        tmp_path, digits_config, run_main, monkeypatch, env, named):
+    """Each task would draw its own seed: the ranks' data orders would stop partitioning the epoch."""
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED", *SRUN, *MPI):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, err = run_main(["fit", "--config", digits_config, "--seed_everything=true", *TINY,
+                          "--trainer.max_steps=1", f"--run_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and named in line and "set seed_everything to an integer" in line, err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_random_seed_is_rank_zeros_under_lightnings_launcher_and_drawn_for_one_slurm_task(
+        tmp_path, digits_config, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for key in ("LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED", *SRUN, *MPI):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # sbatch with one task: one process, one seed
+    seeds = {IDDPMCLI(args=["--config", digits_config, "--seed_everything=true", *TINY], run=False).model.hparams.seed
+             for _ in range(2)}
+    assert len(seeds) == 2  # drawn at random each time
+    for key, value in {**SRUN, "PL_GLOBAL_SEED": "17"}.items():  # a rank given rank 0's seed
+        monkeypatch.setenv(key, value)
+    cli = IDDPMCLI(args=["--config", digits_config, "--seed_everything=true", *TINY], run=False)
+    assert cli.model.hparams.seed == 17 == cli.datamodule.seed == cli.config.seed_everything
+
+
 def test_a_checkpoint_of_the_flat_layout_is_refused_with_the_way_out(tmp_path, digits_config, run_main):
     old = tmp_path / "old.ckpt"
     torch.save({"hyper_parameters": OLD_HPARAMS, "state_dict": {}, "seed": 3}, old)

@@ -83,10 +83,12 @@ def test_resume_after_max_steps_in_a_later_epoch(straight, tmp_path, stop, befor
     assert_same_run(straight, run)
 
 
-def start(run, *extra, cwd):
+def start(run, *extra, cwd, env=None):
+    """A fit in its own process group (session), as a scheduler's job step: ``os.killpg`` signals it
+    and every process it started, DataLoader workers included."""
     return subprocess.Popen([sys.executable, "-m", "iddpm_lightning", "fit", *ARGS, f"--run_dir={run}", *extra],
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**ENV, "PYTHONUNBUFFERED": "1"})
+                            env={**(env or ENV), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
 
 
 def wait_for(path, proc, timeout=240):
@@ -169,3 +171,53 @@ def test_periodic_checkpoints_are_all_kept_and_named_by_step(tmp_path):
     assert names == ["last.ckpt", "step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
     assert [load(run / "checkpoints" / f"step={s}.ckpt")["global_step"] for s in (2, 4, 6)] == [2, 4, 6]
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 7  # the end of fit, between two saves
+
+
+def stop_group(run, sig, cwd, *extra, env=None):
+    """Start a run with 2 loader workers, signal its whole process group a few steps in (as SLURM
+    and most schedulers do), and return its exit status, output and last.ckpt."""
+    proc = start(run, f"--trainer.max_steps={STEPS}", "--checkpoint.every_n_train_steps=1000", "--data.num_workers=2",
+                 *extra, cwd=cwd, env=env)
+    wait_for(run / "batches.jsonl", proc)
+    time.sleep(1.0)
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    assert "killed by signal" not in out, out[-3000:]  # no DataLoader worker died of it
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"], out[-3000:]
+    ckpt = load(run / "checkpoints" / "last.ckpt")
+    assert 1 <= ckpt["global_step"] < STEPS, out[-3000:]
+    assert int(ckpt["state_dict"]["ema_updates"]) == ckpt["global_step"]  # saved at a step boundary
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_sigterm_to_the_process_group_with_loader_workers_saves_a_step_and_resumes_exactly(straight, tmp_path,
+                                                                                          persistent):
+    run = tmp_path / "run"
+    code, out = stop_group(run, signal.SIGTERM, tmp_path, f"--data.persistent_workers={persistent}")
+    assert code == 128 + signal.SIGTERM and "resume with --ckpt_path last" in out, out[-3000:]
+    fit(run, f"--trainer.max_steps={STEPS}", "--data.num_workers=2", "--ckpt_path=last", cwd=tmp_path)
+    assert_same_run(straight, run)
+
+
+def test_slurm_sigusr1_saves_last_requeues_the_job_and_the_rerun_resumes_exactly(straight, tmp_path):
+    """The README's sbatch recipe under a stand-in SLURM: srun's variables, a fake ``scontrol`` on
+    the PATH, ``#SBATCH --signal=USR1@120`` delivered to the job step's process group. Lightning's own
+    auto-requeue (an hpc_ckpt saved from inside its handler, mid-step) stays out of the way."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    slurm = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "iddpm",
+             "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_NNODES": "1"}
+    run = tmp_path / "run"
+    code, out = stop_group(run, signal.SIGUSR1, tmp_path, "--data.persistent_workers=true", env=slurm)
+    assert code == 128 + signal.SIGUSR1 and "SLURM job is requeued" in out, out[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert not list(tmp_path.rglob("hpc_ckpt*"))
+    proc = run_cli("fit", *ARGS, f"--run_dir={run}", f"--trainer.max_steps={STEPS}", "--data.num_workers=2",
+                   "--ckpt_path=last", cwd=tmp_path, env=slurm)  # the requeued job: the same command
+    assert f"Resuming from {run / 'checkpoints' / 'last.ckpt'}" in proc.stderr
+    assert_same_run(straight, run)
