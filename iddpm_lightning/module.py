@@ -303,29 +303,40 @@ class IDDPM(LightningModule):
         ``dpm_solver`` (DPM-Solver++ of ``solver_order``, deterministic, ε only).
         ``sample_steps``: for ``ddpm``/``ddim`` None for all T steps or a respacing (``100``,
         ``"10,15,25"``, ``"ddim50"``); for ``dpm_solver`` a number of steps (10-25).
+        ``labels`` [N] (class-conditional models): by default ``class_labels(arange(N))``. Drawn in
+        float32 whatever ``trainer.precision`` (predict runs under its autocast, the callbacks do
+        not): a sample, like bits/dim, must not depend on the precision a run used.
         """
         check_args("", IDDPM.sample, {"sampler": sampler, "solver_order": solver_order})
         self.check_sampling(sample_steps, sampler)
         hp = self.hparams
-        if hp.class_cond and labels is None:
-            labels = torch.arange(num_samples, device=self.device) % hp.num_classes
+        if labels is None:
+            labels = self.class_labels(torch.arange(num_samples, device=self.device))
         shape = (num_samples, hp.in_channels, hp.image_size, hp.image_size)
         unet = self.eval_unet
         was_training = unet.training
         unet.eval()
         try:
-            model = self.model_fn(unet, labels)
-            if sampler == "dpm_solver":
-                return self.diffusion.dpm_solver_sample_loop(model, shape, int(sample_steps), solver_order,
-                                                             self._lambda_min, generator=generator, progress=progress,
-                                                             device=self.device)
-            diffusion = self.diffusion if sample_steps is None else self.respaced(sample_steps)
-            if sampler == "ddim":
-                return diffusion.ddim_sample_loop(model, shape, eta=eta, generator=generator,
-                                                  progress=progress, device=self.device)
-            return diffusion.p_sample_loop(model, shape, generator=generator, progress=progress, device=self.device)
+            with torch.autocast(self.device.type, enabled=False):
+                model = self.model_fn(unet, labels)
+                if sampler == "dpm_solver":
+                    return self.diffusion.dpm_solver_sample_loop(model, shape, int(sample_steps), solver_order,
+                                                                 self._lambda_min, generator=generator,
+                                                                 progress=progress, device=self.device)
+                diffusion = self.diffusion if sample_steps is None else self.respaced(sample_steps)
+                if sampler == "ddim":
+                    return diffusion.ddim_sample_loop(model, shape, eta=eta, generator=generator,
+                                                      progress=progress, device=self.device)
+                return diffusion.p_sample_loop(model, shape, generator=generator, progress=progress,
+                                               device=self.device)
         finally:
             unet.train(was_training)
+
+    def class_labels(self, indices: torch.Tensor) -> torch.Tensor | None:
+        """The class of each sample by its index over the whole draw, [N]: ``index % num_classes``,
+        so any draw of N samples, cut into batches and ranks however, holds every class
+        ⌊N/K⌋ or ⌈N/K⌉ times (predict, FID and the grids use it); None if unconditional."""
+        return indices % self.hparams.num_classes if self.hparams.class_cond else None
 
     def check_sampling(self, sample_steps: SampleSteps, sampler: Sampler = "ddpm") -> None:
         """Refuse steps the sampler cannot take (a ConfigError), before any sampling time is spent:
@@ -370,7 +381,7 @@ class IDDPM(LightningModule):
         images on the same number of devices."""
         indices = batch.index
         g = seeded_generator(self.device, batch.seed, int(indices[0]))
-        labels = indices % self.hparams.num_classes if self.hparams.class_cond else None
+        labels = self.class_labels(indices)
         x = self.sample(len(indices), batch.sample_steps, batch.sampler, batch.eta, labels=labels, generator=g,
                         progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None,
                         solver_order=batch.solver_order)

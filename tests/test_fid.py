@@ -53,6 +53,9 @@ class StubModel(LightningModule):
         super().__init__()
         self.replay, self.cursor, self.calls = replay, 0, []
 
+    def class_labels(self, indices):
+        return None  # unconditional
+
     def sample(self, num_samples, sample_steps=None, sampler="ddpm", eta=0.0, generator=None, **kw):
         self.calls.append((num_samples, sample_steps, sampler, eta))
         if self.replay is not None:
@@ -474,6 +477,19 @@ def test_ddp_shares_the_reference_pass_and_sums_rank_zero_reference_and_all_rank
 
 
 @pytest.mark.slow
+def test_ddp_class_conditional_samples_are_balanced_over_every_class_by_their_global_index(tmp_path):
+    """12 samples of a 10-class model on 2 ranks in batches of 3: sample i has class i % 10, so the
+    scored set holds every class (0 and 1 twice), however the ranks and batches cut it."""
+    proc = run_ddp_script(tmp_path, "labels")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    per_rank = {r: torch.load(tmp_path / f"labels{r}.pt", weights_only=True) for r in (0, 1)}
+    for r, batches in per_rank.items():  # rank r draws the samples r, r + 2, ..., in batches of 3
+        assert [b.tolist() for b in batches] == [[(r + 2 * j) % 10 for j in range(k, k + 3)] for k in (0, 3)]
+    labels = torch.cat([torch.cat(b) for b in per_rank.values()])
+    assert torch.bincount(labels, minlength=10).tolist() == [2, 2, 1, 1, 1, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.slow
 def test_ddp_a_rank_that_cannot_read_its_shard_fails_every_rank_in_setup(tmp_path):
     """Only rank 1's images (the odd indices) are unreadable: both ranks stop with rank 1's sentence
     in setup, and neither is left waiting in a collective."""
@@ -501,7 +517,25 @@ def _ddp_trainer(out_dir: Path, fid: FID) -> Trainer:
                    callbacks=[fid])
 
 
+class SamplingOnly(IDDPM):
+    """An IDDPM whose validation runs only the callbacks: its UNet is called by sampling alone."""
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
 def _ddp_main(out_dir: Path, mode: str) -> None:
+    if mode == "labels":  # a class-conditional IDDPM: which classes the scored samples were drawn with
+        model = as_trained(SamplingOnly(unet=TINY_UNET, image_size=8, in_channels=1, num_classes=10, class_cond=True,
+                                        timesteps=20))
+        seen = []
+        model.ema_unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["class_labels"].cpu()),
+                                                 with_kwargs=True)
+        fid = FID(num_samples=12, batch_size=3, sample_steps=1, feature_extractor=TinyExtractor())  # 1 UNet call a batch
+        trainer = _ddp_trainer(out_dir, fid)
+        trainer.validate(model, datamodule=DigitsDataModule(batch_size=16))
+        torch.save(seen, out_dir / f"labels{trainer.global_rank}.pt")
+        return
     if mode == "broken":
         fid = FID(num_samples=301, batch_size=64, feature_extractor=TinyExtractor())
         trainer = _ddp_trainer(out_dir, fid)

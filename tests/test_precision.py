@@ -72,3 +72,18 @@ def test_16_bit_true_precisions_are_refused_before_training(precision):
     with pytest.raises(ConfigError, match=rf"trainer\.precision={precision}.*bf16-mixed"):
         trainer.fit(model, data())
     assert model.ema_updates == 0
+
+
+def test_predict_samples_in_float32_under_bf16_mixed(tmp_path):
+    """predict runs its steps under the precision's autocast; the samples are drawn in float32 anyway,
+    as the FID callback and the grids draw them: the same images as a 32-true predict."""
+    from iddpm_lightning.sampling import Sampling
+
+    model = as_trained(IDDPM(**TINY))
+    images = {}
+    for precision in ("32-true", "bf16-mixed"):
+        trainer = Trainer(precision=precision, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=tmp_path)
+        out = trainer.predict(model, datamodule=Sampling(num_samples=8, sample_steps=10, batch_size=4))
+        images[precision] = torch.cat([batch["image"] for batch in out])
+    assert torch.equal(images["bf16-mixed"], images["32-true"])

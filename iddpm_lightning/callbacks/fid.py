@@ -1,36 +1,30 @@
-"""Sample quality during training: FID (or the digits metrics), KID, precision/recall and
-the Inception Score (or class confidence) of the model's samples, every N validation epochs.
-
-(Over 300 lines because the reference statistics must be right under DDP and on disk: the
-pass shared over the ranks, the one-collective failure agreement and the atomic cache are
-what the length is; the metrics are ``evaluation/metrics.py``'s, the same code ``evaluate`` runs.)
-"""
+"""Sample quality during training: FID (or the digits metrics), KID, precision/recall and the
+Inception Score (or class confidence) of the model's samples, every N validation epochs. The
+reference statistics and metrics are ``evaluation/``'s, the code ``evaluate`` runs."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import DataLoader
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data import Reference
 from ..errors import ConfigError
 from ..evaluation.features import (INCEPTION_FILE, INCEPTION_URL, DigitFeatures,  # noqa: F401 (re-exported)
                                    InceptionFeatures, default_cache_dir, to_rgb, to_uint8, wrap)
 from ..evaluation.metrics import MIN_SAMPLES, ReferenceStats, metric_names, sample_quality
+from ..evaluation.reference import (REFERENCE_SUBSET, Ranks, extract, one_line, reference_file, reference_key,
+                                    reference_statistics)
 from ..rng import seeded_generator
 from ..settings import (ClosedUnitInterval, Features, MetricSampleCount, NonNegativeInt, PositiveInt, Sampler,
                         SampleSteps, SolverOrder, check_args)
 
 _SAMPLE_STREAM = 7  # the last key of the sample generator, apart from the other seeded streams
-CACHE_VERSION = 2  # 2: features kept for KID and precision/recall (1 held torchmetrics' sums)
 
 
 def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -50,23 +44,23 @@ class FID(Callback):
       not comparable with Inception FID (``evaluation/features.py``).
 
     Samples come from ``pl_module.sample`` (the eval, i.e. EMA, weights) with FIXED noise (the same
-    seed every time), so that changes follow the model and not the noise; each is rounded to
-    uint8. The paper reports FID on 50,000 samples against the training set; fewer bias it
-    upwards, so compare numbers only at equal ``num_samples`` (``evaluate`` for the paper's protocol).
+    seed every time), so that changes follow the model and not the noise; each is rounded to uint8.
+    A class-conditional model draws sample i of the ``num_samples`` (over all ranks) with class
+    i mod K, so every class is scored equally often. The paper reports FID on 50,000 samples
+    against the training set; fewer bias it upwards, so compare numbers only at equal
+    ``num_samples`` (``evaluate`` for the paper's protocol).
 
-    The reference features and statistics are loaded or computed in ``setup`` (``fit`` and
-    ``validate``), before the first training step, so that a missing reference split, an
-    unwritable ``cache_dir`` or a slow first pass shows at the start of a run. They come from the
-    data module's ``reference(split)`` (never flipped) and are saved to
-    ``{cache_dir}/fid_ref_{DataModule}_{split}_{hash}.pt`` (written atomically and fsynced, read
-    with ``weights_only=True``); the hash covers the reference's key (the data module class, its
-    data settings, the split and its size, the image shape, the file list of a dataset of files)
-    and the feature extractor, so later runs (and ``evaluate``) load the file instead.
-
-    Under DDP the reference pass is shared: rank r extracts the features of the images r,
-    r + world, ... of the split, and one all_gather gives rank 0 all of them. Rank r also draws its
-    share of the samples with its own fixed-seed generator; one all_gather collects their
-    features, rank 0 computes the metrics and broadcasts them, and every rank logs the same values.
+    The reference statistics are loaded or computed in ``setup`` (``fit`` and ``validate``), before
+    the first training step, so that a missing reference split, an unwritable ``cache_dir`` or a
+    slow first pass shows at the start of a run (``evaluation/reference.py``: the cache is looked up
+    before any image is read; μ and Σ of the whole split are streamed; a fixed ``reference_subset``
+    keeps its features for KID and precision/recall; the pass is shared by the ranks). They are
+    cached as ``{cache_dir}/fid_ref_{DataModule}_{split}_{hash}.pt``, keyed by the data module and
+    its data settings, the split and its size, the image shape, the file list of a dataset of
+    files, the feature extractor and the kept subset, so later runs (and ``evaluate``) load them.
+    Under DDP rank r draws its share of the samples with its own fixed-seed generator; one
+    all_gather collects their features, rank 0 computes the metrics and broadcasts them, and every
+    rank logs the same values.
 
     Args:
         num_samples: Samples per evaluation, over all devices (the paper uses 50000); at least 4.
@@ -90,6 +84,10 @@ class FID(Callback):
             (when that folder is not writable the statistics are computed every run, with a warning).
         seed: Seed of the fixed sampling noise (a non-negative integer).
         solver_order: DPM-Solver++'s order (``dpm_solver`` only).
+        reference_subset: Reference images whose features are kept for KID and precision/recall (a
+            fixed subset; the Fréchet distance always uses μ and Σ of the whole split, streamed).
+            50,000 is CIFAR-10's whole training split; on ImageNet a fixed 50k of its 1.28M, as
+            guided-diffusion's reference batches.
     """
 
     def __init__(
@@ -107,6 +105,7 @@ class FID(Callback):
         cache_dir: str | None = None,
         seed: NonNegativeInt = 0,
         solver_order: SolverOrder = 2,
+        reference_subset: MetricSampleCount = REFERENCE_SUBSET,
     ):
         check_args("FID ", FID.__init__, locals())
         self._given = feature_extractor is not None  # a given extractor is never replaced
@@ -114,6 +113,7 @@ class FID(Callback):
         self.sample_steps, self.sampler, self.eta, self.solver_order = sample_steps, sampler, eta, solver_order
         self.batch_size, self.reference_split, self.features = batch_size, reference_split, features
         self.inception_weights, self.cache_dir, self.seed = inception_weights, cache_dir, seed
+        self.reference_subset = reference_subset
         if feature_extractor is not None:
             self.extractor = wrap(feature_extractor, "FID feature_extractor")
         elif features == "inception":
@@ -126,7 +126,6 @@ class FID(Callback):
         self.reference: ReferenceStats | None = None
         self._val_epochs = 0
         self._reference_of = None  # the data module whose reference the callback holds
-        self._writable = False  # whether the cache folder took a test file (rank 0)
 
     # ----------------------------------------------------------------- state
 
@@ -159,9 +158,8 @@ class FID(Callback):
                 f"(reference(split)), but {'the trainer has no data module' if dm is None else type(dm).__name__ + ' has none'}; "
                 f"pass one of iddpm_lightning.data's data modules as the data (datamodule=...)"
             )
-        if self._reference_of is not None and self._reference_of is not dm:
-            self.reference, self._reference_of = None, None  # other data than last time: recompute (or load)
-        if self._reference_of is None:
+        if self._reference_of is not dm:  # other data than last time: recompute (or load)
+            self.reference, self._reference_of = None, None
             device = trainer.strategy.root_device  # where the module will be; it may not be there yet
             with torch.inference_mode(False), torch.no_grad():
                 if self.features == "digits" and not self._given:
@@ -185,21 +183,6 @@ class FID(Callback):
                 # Equal on every rank already; sync_dist only silences Lightning's warning.
                 pl_module.log(f"val/{name}", value, prog_bar=name == self.main_metric, sync_dist=True)
 
-    def _shared_digit_features(self, trainer: Trainer, dm) -> DigitFeatures:
-        """The digits classifier, with rank 0's weights on every rank (ranks on other machines could
-        train slightly different ones; every feature must come from one network)."""
-        error, extractor = None, None
-        try:
-            extractor = digit_features(dm, self.cache_dir or default_cache_dir())
-        except ConfigError as err:
-            error = str(err)
-        self._agree(trainer, error)
-        if trainer.world_size > 1:
-            state, name = trainer.strategy.broadcast((extractor.net.state_dict(), extractor.name), src=0)
-            extractor.net.load_state_dict(state)
-            extractor.name = name
-        return extractor
-
     @property
     def main_metric(self) -> str:
         return metric_names(self.extractor.prefix if self.extractor is not None else "fd_digits")[0]
@@ -212,17 +195,18 @@ class FID(Callback):
             raise RuntimeError("FID.compute_metrics needs the reference statistics that FID.setup loads")
         self.extractor.to(pl_module.device)
         rank, world = trainer.global_rank, trainer.world_size
-        n_local = len(range(rank, self.num_samples, world))
+        mine = torch.arange(rank, self.num_samples, world, device=pl_module.device)  # this rank's sample indices
         generator = seeded_generator(pl_module.device, self.seed, rank, _SAMPLE_STREAM)
         rows = []
-        for start in range(0, n_local, self.batch_size):
-            n = min(self.batch_size, n_local - start)
-            x = pl_module.sample(n, self.sample_steps, self.sampler, eta=self.eta, generator=generator,
+        for batch in mine.split(self.batch_size):
+            # classes by the index over all ranks' samples: balanced over every class, whatever the batches
+            x = pl_module.sample(len(batch), self.sample_steps, self.sampler, eta=self.eta,
+                                 labels=pl_module.class_labels(batch), generator=generator,
                                  solver_order=self.solver_order)
-            rows.append(self._features_logits(to_uint8(x)))
+            rows.append(extract(self.extractor, to_uint8(x)))
         D, K = self.extractor.num_features, self.extractor.num_logits
         local = torch.cat(rows) if rows else torch.zeros(0, D + K, device=pl_module.device)
-        everything = self._gather(trainer, local, self.num_samples, None)  # (num_samples, D + K)
+        everything = self._ranks(trainer).gather_rows(local, self.num_samples)  # (num_samples, D + K)
         outcome = None
         if trainer.is_global_zero:
             try:
@@ -235,42 +219,50 @@ class FID(Callback):
             raise RuntimeError(values)
         return values
 
-    def _features_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(features | logits) [N, D + K] of uint8 images [N, C, H, W], float32."""
-        features, logits = self.extractor(images)
-        return features.float() if logits is None else torch.cat([features.float(), logits.float()], dim=1)
+    # -------------------------------------------------------- the reference
 
-    def _reference(self, trainer: Trainer) -> Reference:
-        return trainer.datamodule.reference(self.reference_split)
+    @staticmethod
+    def _ranks(trainer: Trainer) -> Ranks:
+        return Ranks(trainer.global_rank, trainer.world_size, trainer.strategy.all_gather,
+                     lambda obj, src: trainer.strategy.broadcast(obj, src=src))
+
+    def _shared_digit_features(self, trainer: Trainer, dm) -> DigitFeatures:
+        """The digits classifier, with rank 0's weights on every rank (ranks on other machines could
+        train slightly different ones; every feature must come from one network)."""
+        error, extractor = None, None
+        try:
+            extractor = digit_features(dm, self.cache_dir or default_cache_dir())
+        except ConfigError as err:
+            error = str(err)
+        self._ranks(trainer).agree(error, trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            state, name = trainer.strategy.broadcast((extractor.net.state_dict(), extractor.name), src=0)
+            extractor.net.load_state_dict(state)
+            extractor.name = name
+        return extractor
 
     def reference_cache_file(self, trainer: Trainer) -> Path:
         """Where the reference statistics of this data, split and feature extractor are cached."""
-        return self._cache_file(trainer, self._reference(trainer))
-
-    def _cache_key(self, reference: Reference) -> str:
-        """What the statistics depend on, as the JSON the cache file holds: the data's key and the extractor."""
-        return reference_key(reference.key, self.extractor.name)
-
-    def _folder(self, trainer: Trainer, reference: Reference) -> Path:
-        if self.cache_dir is not None:
-            return Path(self.cache_dir).expanduser()
-        return Path(reference.root or trainer.default_root_dir).expanduser() / "fid_stats"
+        return self._cache_file(trainer, trainer.datamodule.reference(self.reference_split))
 
     def _cache_file(self, trainer: Trainer, reference: Reference) -> Path:
-        return reference_file(self._folder(trainer, reference), type(trainer.datamodule).__name__,
-                              self.reference_split, self._cache_key(reference))
+        folder = Path(self.cache_dir).expanduser() if self.cache_dir is not None else \
+            Path(reference.root or trainer.default_root_dir).expanduser() / "fid_stats"
+        return reference_file(folder, type(trainer.datamodule).__name__, self.reference_split,
+                              self._cache_key(reference))
 
-    # -------------------------------------------------------- the reference
+    def _cache_key(self, reference: Reference) -> str:
+        return reference_key(reference.key, self.extractor.name, min(len(reference.dataset), self.reference_subset))
 
     def _load_or_compute_reference(self, trainer: Trainer, device: torch.device) -> None:
         """Hold the reference on rank 0 (None elsewhere), from the cache or from one pass over the
         reference split shared by all ranks; every failure is a ConfigError raised on every rank at
         once (a rank that raised alone would leave the others waiting in a collective)."""
         where = f"{type(trainer.datamodule).__name__}'s {self.reference_split} split"
-        error = None
+        ranks, error = self._ranks(trainer), None
         try:
-            reference = self._reference(trainer)
-            dataset, n = reference.dataset, len(reference.dataset)
+            reference = trainer.datamodule.reference(self.reference_split)
+            n = len(reference.dataset)
             if n == 0:
                 error = (f"FID reference_split={self.reference_split!r} is empty ({where} has no images); point the "
                          f"data settings (data.root, data.val_size) at data with images, or set reference_split to "
@@ -279,152 +271,21 @@ class FID(Callback):
                 error = (f"FID reference_split={self.reference_split!r} has {n} image(s) ({where}), fewer than the "
                          f"{MIN_SAMPLES} the metrics need (a covariance, and each image's 3 nearest others); raise "
                          f"data.val_size or set reference_split to train")
-            else:
-                path = self._cache_file(trainer, reference)
-                key = self._cache_key(reference)
         except Exception as err:
             error = self._unreadable(where, err)
-        self._agree(trainer, error)
-
-        # Rank 0 decides: load the cache, or compute (and can the result be written?).
-        status = ("compute", None)
-        if trainer.is_global_zero:
-            try:
-                self.reference = self._load_cache(path, key)
-                status = ("loaded", None) if self.reference is not None else ("compute", None)
-                if self.reference is None:
-                    self._writable = self._check_writable(path.parent)
-            except ConfigError as err:
-                status = ("error", str(err))
-        status = trainer.strategy.broadcast(status, src=0)
-        if status[0] == "error":
-            raise ConfigError(status[1])
-        if status[0] == "loaded":
-            return  # rank 0 holds the statistics; no image was read
-
-        rank, world = trainer.global_rank, trainer.world_size
-        rank_zero_info(f"FID: computing reference features of {n} {self.reference_split} images over {world} "
-                       f"process(es) (once; cached in {path})")
-        error, local = None, None
-        try:
-            shard = dataset if world == 1 else Subset(dataset, range(rank, n, world))
-            local = self._features_of(shard, device, getattr(trainer.datamodule, "num_workers", 0))
-        except Exception as err:
-            error = self._unreadable(where, err)
-        if local is None:
-            local = torch.zeros(len(range(rank, n, world)), self.extractor.num_features, device=device)
-        features = self._gather(trainer, local[:, : self.extractor.num_features], n, error)
-        if trainer.is_global_zero:
-            self.reference = ReferenceStats.from_features(features, key)
-            if self._writable:
-                self._write_cache(path)
-
-    def _gather(self, trainer: Trainer, local: torch.Tensor, n: int, error: str | None):
-        """All ranks' rows, in the order r, r + world, ... interleaved back (rank r holds the
-        items r, r + world, ... of ``n``): ONE all_gather of the rows, padded to equal length, with
-        a header row that carries this rank's failure flag; a failure on any rank is raised on all."""
-        world = trainer.world_size
-        if world == 1:
-            if error is not None:
-                self.reference = None
-                raise ConfigError(error)
-            return local
-        length = len(range(0, n, world))  # rank 0 has the most rows
-        packed = torch.zeros(length + 1, local.shape[1], device=local.device, dtype=torch.float32)
-        packed[0, 0] = error is not None
-        packed[1 : 1 + len(local)] = local
-        gathered = trainer.strategy.all_gather(packed)  # (world, length + 1, width)
-        self._raise_first(trainer, gathered[:, 0, 0], error)
-        out = torch.empty(n, local.shape[1], device=local.device)
-        for r in range(world):
-            out[r::world] = gathered[r, 1 : 1 + len(range(r, n, world))]
-        return out
+        ranks.agree(error, trainer.strategy.root_device)
+        unwritable = None if self.cache_dir is None else lambda err: (
+            f"FID cache_dir={self.cache_dir!r} is not a writable folder ({err}); set the FID callback's cache_dir "
+            f"to a folder this run can write, or to null")
+        self.reference, _, _ = reference_statistics(
+            reference.dataset, self.extractor, self._cache_key(reference), self._cache_file(trainer, reference),
+            self.batch_size, device, self.reference_subset, getattr(trainer.datamodule, "num_workers", 0), ranks,
+            unreadable=lambda err: self._unreadable(where, err), unwritable=unwritable,
+            log=lambda message: rank_zero_info(f"FID: {message}"), warn=lambda message: rank_zero_warn(f"FID: {message}"))
 
     def _unreadable(self, where: str, err: BaseException) -> str:
-        detail = " ".join(f"{type(err).__name__}: {err}".split())  # one line, whatever the error's text
-        return (f"FID reference_split={self.reference_split!r} cannot be read from {where} ({detail}); check the "
+        return (f"FID reference_split={self.reference_split!r} cannot be read from {where} ({one_line(err)}); check the "
                 f"data settings (data.root and the files under it), or set reference_split to a readable split")
-
-    def _agree(self, trainer: Trainer, error: str | None) -> None:
-        """Raise ``error`` (of this or any other rank) on every rank, or return on every rank."""
-        if trainer.world_size == 1:
-            if error is not None:
-                raise ConfigError(error)
-            return
-        flags = torch.zeros(trainer.world_size, dtype=torch.float64, device=trainer.strategy.root_device)
-        flags[trainer.global_rank] = error is not None
-        self._raise_first(trainer, trainer.strategy.reduce(flags, reduce_op="sum"), error)
-
-    def _raise_first(self, trainer: Trainer, flags: torch.Tensor, error: str | None) -> None:
-        """If any rank failed (``flags`` over the ranks), raise the first failed rank's message on all."""
-        failed = flags.nonzero().flatten().tolist()
-        if failed:
-            self.reference = None
-            raise ConfigError(trainer.strategy.broadcast(error, src=failed[0]))
-
-    def _load_cache(self, path: Path, key: str) -> ReferenceStats | None:
-        """The cached statistics if ``path`` holds them for ``key``."""
-        if not path.is_file():
-            return None
-        try:
-            reference = ReferenceStats.load(path, key)
-            if reference.mu.shape != (self.extractor.num_features,):
-                raise ValueError(f"mu has shape {tuple(reference.mu.shape)}, not ({self.extractor.num_features},)")
-        except Exception as err:
-            rank_zero_warn(f"FID: ignoring the reference statistics cache {path} ({err}); recomputing it")
-            return None
-        rank_zero_info(f"FID: reference statistics loaded from {path}")
-        return reference
-
-    def _check_writable(self, folder: Path) -> bool:
-        """Whether the cache can be written to ``folder``, tried before the pass: an explicit cache_dir
-        that is not writable is an error, the default folder (next to the data) only a warning."""
-        try:
-            check_writable(folder)
-            return True
-        except OSError as err:
-            if self.cache_dir is not None:
-                raise ConfigError(
-                    f"FID cache_dir={self.cache_dir!r} is not a writable folder ({err}); set the FID callback's "
-                    f"cache_dir to a folder this run can write, or to null"
-                ) from None
-            rank_zero_warn(f"FID: cannot write the reference statistics cache in {folder} ({err}); they are "
-                           "computed now and not reused: set the FID callback's cache_dir to a writable folder")
-            return False
-
-    def _write_cache(self, path: Path) -> None:
-        try:
-            self.reference.save(path)  # an interrupted run leaves no half-written cache
-        except Exception as err:  # a full disk is a RuntimeError from torch.save: warn, as on rank 0 alone
-            rank_zero_warn(f"FID: could not write the reference statistics cache {path} ({err}); "
-                           "set the FID callback's cache_dir to a writable folder to reuse them")
-
-    def _features_of(self, dataset: Dataset, device: torch.device, num_workers: int) -> torch.Tensor:
-        """(features | logits) of every image of ``dataset`` (datasets never flip: an int index is
-        the stored image), in order."""
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=num_workers)
-        rows = [self._features_logits(to_uint8(x.to(device))) for x, _ in loader]
-        width = self.extractor.num_features + self.extractor.num_logits
-        return torch.cat(rows) if rows else torch.zeros(0, width, device=device)
-
-
-def reference_key(data_key: dict, extractor_name: str) -> str:
-    """The JSON key of reference statistics: the data's key, the extractor and the cache layout."""
-    return json.dumps({**data_key, "extractor": extractor_name, "cache_version": CACHE_VERSION}, sort_keys=True)
-
-
-def reference_file(folder: Path, owner: str, split: str, key: str) -> Path:
-    """``{folder}/fid_ref_{owner}_{split}_{hash of key}.pt``."""
-    return Path(folder) / f"fid_ref_{owner}_{split}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-
-
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` and write and delete a test file in it (an OSError if it cannot)."""
-    probe = Path(folder) / f".fid_write_test_{os.getpid()}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(probe, "wb") as f:
-        f.write(b"ok")
-    probe.unlink()
 
 
 def digit_features(dm, cache_dir: Path | None) -> DigitFeatures:

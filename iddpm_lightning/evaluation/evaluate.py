@@ -33,8 +33,10 @@ import torch
 import yaml
 
 from ..errors import ConfigError
-from .features import INCEPTION_FILE, InceptionFeatures, default_cache_dir, to_uint8
+from ..data import to_model_range
+from .features import INCEPTION_FILE, InceptionFeatures, default_cache_dir
 from .metrics import MIN_SAMPLES, ReferenceStats, metric_names, sample_quality
+from .reference import REFERENCE_SUBSET, one_line, reference_file, reference_key, reference_statistics
 
 DEFAULT_INCEPTION = f"data/{INCEPTION_FILE}"
 IMAGE_SUFFIXES = (".png",)
@@ -142,12 +144,14 @@ def data_module_of(config: Path):
 
 
 class ReferenceSource:
-    """What the samples are compared with: ``images`` (uint8 NHWC) or ready ``stats``, a cache key and
-    folder, a description, and the data module (a config's) for the digits classifier."""
+    """What the samples are compared with: a ``dataset`` of images in [-1, 1] (a config's split, an npz,
+    a folder of PNGs) or ready ``stats``, a cache key and folder, a description, and the data module
+    (a config's) for the digits classifier. A config's images are decoded only if its statistics
+    are not in the cache, and then streamed."""
 
     def __init__(self, arg: str, split: str, cache_dir: str | None):
         path = Path(arg)
-        self.path, self.split, self.dm, self.images, self.stats = path, split, None, None, None
+        self.path, self.split, self.dm, self.dataset, self.stats = path, split, None, None, None
         if not path.exists():
             raise ConfigError(f"--reference={arg!r} does not exist; give a config (configs/digits.yaml), an npz of "
                               f"images or of statistics (mu, sigma), or a folder of PNGs")
@@ -156,9 +160,8 @@ class ReferenceSource:
             if split not in ("train", "val", "test"):
                 raise ConfigError(f"--split={split!r} is not a split; use train, val or test")
             ref = self.dm.reference(split)
-            loader = torch.utils.data.DataLoader(ref.dataset, batch_size=1000)
-            self.images = torch.cat([to_uint8(x) for x, _ in loader]).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
-            self.data_key = ref.key
+            self.dataset, self.data_key = ref.dataset, ref.key
+            self.image_shape = tuple(ref.key["image_shape"][1:]) + tuple(ref.key["image_shape"][:1])  # (H, W, C)
             self.owner = type(self.dm).__name__
             folder = Path(ref.root or run_dir) / "fid_stats"
             self.description = f"{self.owner}'s {split} split of {path}"
@@ -178,24 +181,35 @@ class ReferenceSource:
                                   f"a statistics file needs mu [D] and sigma [D, D]")
             self.stats = ReferenceStats(torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), 0, None,
                                         json.dumps({"statistics": str(path.resolve())}))
-            self.description, self.tag, folder = f"statistics file {path} (mu, sigma)", path.stem, None
+            self.description, self.tag, folder, self.image_shape = f"statistics file {path} (mu, sigma)", path.stem, None, None
         else:
-            self.images = read_images(path, "--reference")
-            digest = hashlib.sha256(self.images.tobytes()).hexdigest()[:16]
-            self.data_key = {"images": path.name, "sha256": digest, "length": len(self.images),
-                             "image_shape": list(self.images.shape[1:])}
+            images = read_images(path, "--reference")
+            digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
+            self.data_key = {"images": path.name, "sha256": digest, "length": len(images),
+                             "image_shape": list(images.shape[1:])}
+            self.dataset = ImageArray(images)
+            self.image_shape = tuple(images.shape[1:])
             self.owner = "images"
             folder = (path.parent if path.is_file() else path) / "fid_stats"
-            self.description = f"{len(self.images)} images of {path}"
+            self.description = f"{len(images)} images of {path}"
             self.tag = path.stem
-        if self.images is not None and len(self.images) < MIN_SAMPLES:
-            raise ConfigError(f"--reference={arg!r} has {len(self.images)} image(s), fewer than the {MIN_SAMPLES} the "
+        if self.dataset is not None and len(self.dataset) < MIN_SAMPLES:
+            raise ConfigError(f"--reference={arg!r} has {len(self.dataset)} image(s), fewer than the {MIN_SAMPLES} the "
                               f"metrics need (a covariance, and each image's 3 nearest others); give more images")
         self.folder = Path(cache_dir) if cache_dir is not None else folder
 
-    @property
-    def image_shape(self):
-        return None if self.images is None else tuple(self.images.shape[1:])
+
+class ImageArray(torch.utils.data.Dataset):
+    """uint8 images [N, H, W, C] as a dataset of (x in [-1, 1] [C, H, W], 0), as data modules give them."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return to_model_range(torch.from_numpy(self.images[i]).permute(2, 0, 1)), 0
 
 
 # ----------------------------------------------------------------------------- features
@@ -227,33 +241,23 @@ def features_of(extractor, images: np.ndarray, batch_size: int, device: torch.de
     return torch.cat(feats), (torch.cat(logits) if logits else None)
 
 
-def reference_stats(reference: ReferenceSource, extractor, batch_size: int, device: torch.device):
-    """(ReferenceStats, cache file or None, whether it was read from the cache)."""
-    from ..callbacks.fid import check_writable, reference_file, reference_key
-
+def reference_stats(reference: ReferenceSource, extractor, batch_size: int, device: torch.device,
+                    subset: int = REFERENCE_SUBSET):
+    """(ReferenceStats, cache file or None, whether it was read from the cache): the cache is looked
+    up before any reference image is decoded; on a miss the images stream through the extractor."""
     if reference.stats is not None:
         if len(reference.stats.mu) != extractor.num_features:
             raise ConfigError(f"--reference={str(reference.path)!r} holds statistics of {len(reference.stats.mu)} "
                               f"features, but {extractor.name} gives {extractor.num_features}; use a statistics "
                               f"file of the same feature extractor (--features)")
         return reference.stats, None, False
-    key = reference_key(reference.data_key, extractor.name)
-    path = reference_file(reference.folder, reference.owner, reference.tag, key)
-    if path.is_file():
-        try:
-            return ReferenceStats.load(path, key), path, True
-        except Exception as err:
-            print(f"warning: ignoring the reference cache {path} ({err}); recomputing it")
-    features, _ = features_of(extractor, reference.images, batch_size, device)
-    stats = ReferenceStats.from_features(features, key)
-    try:
-        check_writable(path.parent)
-        stats.save(path)
-    except (OSError, RuntimeError) as err:  # a full disk is a RuntimeError from torch.save
-        print(f"warning: cannot write the reference cache in {path.parent} ({err}); set --cache_dir to a writable "
-              f"folder to reuse it")
-        path = None
-    return stats, path, False
+    key = reference_key(reference.data_key, extractor.name, min(len(reference.dataset), subset))
+    where = f"--reference={str(reference.path)!r}"
+    return reference_statistics(reference.dataset, extractor, key,
+                                reference_file(reference.folder, reference.owner, reference.tag, key), batch_size,
+                                device, subset, getattr(reference.dm, "num_workers", 0),
+                                unreadable=lambda err: f"{where} cannot be read ({one_line(err)}); check its files",
+                                log=lambda message: None)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -261,10 +265,13 @@ def reference_stats(reference: ReferenceSource, extractor, batch_size: int, devi
 
 def evaluate(samples: str, reference: str, split: str = "train", features: str = "auto",
              inception_weights: str = DEFAULT_INCEPTION, cache_dir: str | None = None, batch_size: int = 250,
-             device: str | None = None, out: str | None = None) -> dict:
+             device: str | None = None, out: str | None = None, reference_subset: int = REFERENCE_SUBSET) -> dict:
     """Score ``samples`` against ``reference`` (see the module docstring); returns what the JSON holds."""
     if batch_size < 1:
         raise ConfigError(f"--batch_size={batch_size} must be at least 1; set it to a positive number of images")
+    if reference_subset < MIN_SAMPLES:
+        raise ConfigError(f"--reference_subset={reference_subset} must be at least {MIN_SAMPLES} (precision/recall "
+                          f"compare each image with its 3 nearest others); the default is {REFERENCE_SUBSET}")
     if out and Path(out).is_dir():
         raise ConfigError(f"--out={out!r} is a folder; give the path of the JSON file to write")
     started = time.perf_counter()
@@ -291,14 +298,14 @@ def evaluate(samples: str, reference: str, split: str = "train", features: str =
         raise ConfigError(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s); use "
                           f"--device cpu or an existing cuda:N")
     extractor = extractor_for(kind, ref, inception_weights, Path(cache_dir) if cache_dir else default_cache_dir()).to(dev)
-    stats, cache, cached = reference_stats(ref, extractor, batch_size, dev)
+    stats, cache, cached = reference_stats(ref, extractor, batch_size, dev, reference_subset)
     t0 = time.perf_counter()
     feats, logits = features_of(extractor, images, batch_size, dev)
     metrics = sample_quality(feats, logits, stats, extractor.prefix, extractor.classifier)
     result = {
         "samples": str(samples_path), "num_samples": len(images), "image_shape": list(images.shape[1:]),
         "reference": {"description": ref.description, "path": str(ref.path), "split": split if ref.dm else None,
-                      "num_images": stats.num or None, "features_kept": stats.features is not None,
+                      "num_images": stats.num or None, "features_kept": 0 if stats.features is None else len(stats.features),
                       "cache": str(cache) if cache else None, "cache_hit": cached},
         "features": extractor.name, "feature_space": kind, "note": NOTES[kind],
         "metrics": metrics,
@@ -361,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
                              "fid_stats/ next to the data, or in the config's run_dir, or next to the reference "
                              "file; the classifier in ~/.cache/iddpm_lightning)")
     parser.add_argument("--batch_size", type=int, default=250, help="images per feature-extraction batch")
+    parser.add_argument("--reference_subset", type=int, default=REFERENCE_SUBSET,
+                        help="reference images whose features are kept for KID and precision/recall (a fixed "
+                             "subset; FID uses the whole reference, streamed)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default=None, help="the JSON to write (default: next to the samples)")
     args = parser.parse_args(argv)
