@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from iddpm_lightning.callbacks import GradNorm
+from iddpm_lightning.experiments import plan
 from iddpm_lightning.experiments.claims import NOT, PARTLY, REPRODUCED, mean_se, verdict
-from iddpm_lightning.experiments.measure import window_noise
+from iddpm_lightning.experiments.measure import Measurements, checkpoint_path, window_noise
 
 
 def test_grad_norm_logs_the_global_two_norm_of_every_gradient():
@@ -35,6 +36,65 @@ def test_mean_se_window_noise_and_verdicts_are_their_closed_forms():
     assert w["diff_std"] == pytest.approx(math.sqrt(16 / 3) / math.sqrt(2))  # diffs 2, -2, 2: variance 16/3
     assert window_noise([4.0, 5.0, 6.0, 7.0])["diff_std"] == 0.0  # a trend alone is no noise
     assert [verdict(f) for f in ([True, True], [True, False], [False, False])] == [REPRODUCED, PARTLY, NOT]
+
+
+def fake_fit(stop_at: int, calls: list):
+    """A stand-in for ``cli.main(["fit", ...])`` that trains to ``stop_at`` steps and exits 0, as a fit
+    stopped by Ctrl-C does (its graceful stop saves last.ckpt at that step): its checkpoints only."""
+
+    def main(args):
+        folder = next(a.split("=", 1)[1] for a in args if a.startswith("--run_dir="))
+        checkpoints = plan.Path(folder) / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": 2}, checkpoints / "step=2.ckpt")
+        torch.save({"global_step": stop_at}, checkpoints / "last.ckpt")
+        calls.append(args)
+        raise SystemExit(0)
+
+    return main
+
+
+def test_a_run_stopped_early_with_exit_status_0_is_not_finished_and_no_measurement_reads_it(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(plan, "main", fake_fit(stop_at=3, calls=calls))
+    run = plan.runs_of(plan.QUICK)[0]
+    with pytest.raises(RuntimeError, match=r"stopped at step 3 of 6 .*rerun the command to resume it"):
+        plan.train(run, plan.QUICK, tmp_path)
+    folder = plan.run_dir(run, plan.QUICK, tmp_path)
+    assert not (folder / "done.json").exists() and not plan.finished(folder, plan.QUICK)
+    (folder / "done.json").write_text("{}")  # even with a done.json (an older version wrote one): not finished
+    assert not plan.finished(folder, plan.QUICK)
+    assert checkpoint_path(folder, 2) == folder / "checkpoints" / "step=2.ckpt"
+    assert checkpoint_path(folder, 3) == folder / "checkpoints" / "last.ckpt"  # its step, read from the file
+    for step in (4, 6):  # not the step-3 last.ckpt in their place
+        with pytest.raises(RuntimeError, match=f"no checkpoint of step {step}"):
+            checkpoint_path(folder, step)
+    monkeypatch.setattr(plan, "main", fake_fit(stop_at=6, calls=calls))  # the rerun resumes and finishes
+    assert plan.train(run, plan.QUICK, tmp_path) == (folder, None)
+    assert "--ckpt_path=last" in calls[-1] and plan.finished(folder, plan.QUICK)
+    assert json.loads((folder / "done.json").read_text())["code"] == plan.code_version()
+
+
+def test_other_code_trains_and_measures_anew_unless_reuse_which_the_report_names(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(plan, "main", fake_fit(stop_at=6, calls=calls))
+    run = plan.runs_of(plan.QUICK)[0]
+    monkeypatch.setattr(plan, "code_version", lambda: "aaaaaaaaaa")
+    old, _ = plan.train(run, plan.QUICK, tmp_path)
+    assert old.name.endswith("-aaaaaaaaaa") and len(calls) == 1
+    Measurements(old).get("quality", lambda: {"fd": 1.0}, "aaaaaaaaaa")
+    monkeypatch.setattr(plan, "code_version", lambda: "bbbbbbbbbb")  # the package changed
+    assert plan.train(run, plan.QUICK, tmp_path, reuse=True) == (old, "aaaaaaaaaa") and len(calls) == 1
+    assert Measurements(old).get("quality", lambda: {"fd": 2.0}, "bbbbbbbbbb", reuse=True)["fd"] == 1.0
+    assert Measurements(old).get("quality", lambda: {"fd": 2.0}, "bbbbbbbbbb")["fd"] == 2.0  # measured again
+    new, reused = plan.train(run, plan.QUICK, tmp_path)
+    assert new.name.endswith("-bbbbbbbbbb") and reused is None and len(calls) == 2 and old.is_dir()
+
+    from iddpm_lightning.experiments.report import _reuse_lines
+
+    lines = _reuse_lines({"code": "bbbbbbbbbb", "runs": {"hybrid-s0": {"reused_from_code": "aaaaaaaaaa"}},
+                          "reused_measurements": ["hybrid-s0: quality (code aaaaaaaaaa)"]})
+    assert "this code is bbbbbbbbbb" in lines[0] and "run hybrid-s0: trained by code aaaaaaaaaa" in lines[1]
 
 
 @pytest.mark.slow

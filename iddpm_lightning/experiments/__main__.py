@@ -16,19 +16,22 @@ import torch
 from ..evaluation.features import default_cache_dir
 from .claims import CLAIMS, REPRODUCED, Suite
 from .measure import Digits, Measurements
-from .plan import FULL, QUICK, runs_of, train
+from .plan import FULL, QUICK, code_version, runs_of, train
 from .report import write
 
 
-def run(out: Path, runs_dir: Path, quick: bool = False, cache_dir: Path | None = None) -> dict:
-    """Train what is missing, measure, judge every claim and write the report; return its dict."""
+def run(out: Path, runs_dir: Path, quick: bool = False, cache_dir: Path | None = None, reuse: bool = False) -> dict:
+    """Train what is missing, measure, judge every claim and write the report; return its dict.
+    ``reuse``: take runs and measurements of other code versions where this one has none."""
     start = time.perf_counter()
     scale = QUICK if quick else FULL
     runs = runs_of(scale)
-    print(f"{len(runs)} runs of {scale.lengths[-1]} steps ({scale.name} suite) in {runs_dir}", flush=True)
-    folders = {r: train(r, scale, runs_dir) for r in runs}
+    print(f"{len(runs)} runs of {scale.lengths[-1]} steps ({scale.name} suite, code {code_version()}) in {runs_dir}",
+          flush=True)
+    trained = {r: train(r, scale, runs_dir, reuse=reuse) for r in runs}
+    folders = {r: folder for r, (folder, _) in trained.items()}
     train_wall = {r: _done(folders[r]) for r in runs}
-    suite = Suite(scale, Digits(cache_dir), folders)
+    suite = Suite(scale, Digits(cache_dir), folders, code_version(), reuse)
     claims = []
     for claim in CLAIMS:
         suite.reads = {}
@@ -45,10 +48,13 @@ def run(out: Path, runs_dir: Path, quick: bool = False, cache_dir: Path | None =
     measured = sum(v["wall_s"] for f in folders.values() for v in Measurements(f).values.values())
     result = {
         "command": " ".join(["python -m iddpm_lightning.experiments run", f"--out {out}",
-                             *(["--quick"] if quick else [])]),
+                             *(["--quick"] if quick else []), *(["--reuse"] if reuse else [])]),
         "machine": _machine(),
         "date": date.today().isoformat(), "scale": scale.__dict__,
-        "runs": {r.label: {"folder": str(folders[r]), "train_wall_s": train_wall[r]} for r in runs},
+        "code": code_version(),
+        "runs": {r.label: {"folder": str(folders[r]), "train_wall_s": train_wall[r],
+                           **({"reused_from_code": trained[r][1]} if trained[r][1] else {})} for r in runs},
+        "reused_measurements": sorted({f"{r.label}: {key} (code {code})" for (r, key), code in suite.reused.items()}),
         "train_wall_s": round(sum(train_wall.values()), 1),
         "wall_s": round(sum(train_wall.values()) + measured, 1),
         "this_invocation_s": round(time.perf_counter() - start, 1),
@@ -83,10 +89,13 @@ def main(argv: list[str] | None = None) -> None:
                         "runs/experiments_quick with --quick)")
     p.add_argument("--quick", action="store_true", help="the same suite on a tiny model, in a minute or two")
     p.add_argument("--cache_dir", type=Path, default=default_cache_dir(), help="the digits classifier's cache")
+    p.add_argument("--reuse", action="store_true",
+                   help="use runs and measurements made by other versions of the code where this version has none "
+                        "(the report names them) instead of training and measuring again")
     args = parser.parse_args(argv)
     runs_dir = args.runs_dir or Path("runs/experiments_quick" if args.quick else "runs/experiments")
     try:
-        run(args.out, runs_dir, args.quick, args.cache_dir)
+        run(args.out, runs_dir, args.quick, args.cache_dir, args.reuse)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -50,7 +50,10 @@ class Suite:
     scale: Scale
     digits: Digits
     folders: dict[Run, Path]
+    code: str  # the version of the code measuring (plan.code_version)
+    reuse: bool = False  # keep measurements made by other code (--reuse)
     reads: dict = field(default_factory=dict)  # (run, key) -> wall seconds of the measurements read
+    reused: dict = field(default_factory=dict)  # (run, key) -> the other code version that measured it
     _loaded: tuple = field(default=(None, None))
 
     def runs(self, name: str) -> list[Run]:
@@ -77,8 +80,10 @@ class Suite:
             self.digits.test[: s.bpd_images], s.bpd_strata, 20_000 + run.seed))
 
     def _get(self, run: Run, key: str, measure) -> dict:
-        value = Measurements(self.folders[run]).get(key, measure)
+        value = Measurements(self.folders[run]).get(key, measure, self.code, self.reuse)
         self.reads[(run, key)] = value["wall_s"]
+        if value.get("code") != self.code:
+            self.reused[(run, key)] = value.get("code")
         return value
 
     def curves(self, run: Run) -> dict:

@@ -1,7 +1,9 @@
 """What the experiments measure on a trained run: sample quality of a sampler at a budget, test
 bits/dim, and the learning curves the fit logged. Every number is cached in the run's
-``measurements.json`` under a key naming what was measured, so a rerun only measures what is
-missing (and a killed one loses at most the measurement in progress).
+``measurements.json`` under a key naming what was measured, with the version of the code that
+measured it, so a rerun only measures what is missing or was measured by other code (and a
+killed one loses at most the measurement in progress). A measurement at step N reads only a
+checkpoint that holds step N.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..callbacks.fid import digit_features
-from ..checkpointing import replace_durably
+from ..checkpointing import read_checkpoint, replace_durably
 from ..data import DigitsDataModule, to_uint8
 from ..diffusion import GaussianDiffusion
 from ..diffusion.schedules import space_timesteps
@@ -102,12 +104,14 @@ class Measurements:
         self.path = folder / "measurements.json"
         self.values = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def get(self, key: str, measure):
-        """The cached value of ``key``, or ``measure()``'s (with its wall seconds), saved."""
-        if key not in self.values:
+    def get(self, key: str, measure, code: str, reuse: bool = False):
+        """The cached value of ``key`` if this ``code`` measured it (any code's with ``reuse``), or
+        ``measure()``'s (with its wall seconds and ``code``), saved."""
+        cached = self.values.get(key)
+        if cached is None or (cached.get("code") != code and not reuse):
             start = time.perf_counter()
             value = measure()
-            self.values[key] = {**value, "wall_s": round(time.perf_counter() - start, 2)}
+            self.values[key] = {**value, "wall_s": round(time.perf_counter() - start, 2), "code": code}
             tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
             tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
             replace_durably(tmp, self.path)
@@ -115,9 +119,13 @@ class Measurements:
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
-    """The run's checkpoint at ``step`` (``step={step}.ckpt``, or ``last.ckpt`` at the end)."""
-    path = folder / "checkpoints" / f"step={step}.ckpt"
-    return path if path.is_file() else folder / "checkpoints" / "last.ckpt"
+    """The run's checkpoint of ``step``: ``step={step}.ckpt``, or ``last.ckpt`` if it holds that step
+    (read from each file, not trusted from its name); an error if neither does."""
+    for path in (folder / "checkpoints" / f"step={step}.ckpt", folder / "checkpoints" / "last.ckpt"):
+        if path.is_file() and read_checkpoint(path, mmap=True).get("global_step") == step:
+            return path
+    raise RuntimeError(f"{folder} holds no checkpoint of step {step} (a run stopped before it?); rerun the "
+                       f"command to train it")
 
 
 def curves(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -3,24 +3,49 @@ the scale of the full and the quick suite, and the training itself, cached and r
 
 A run is ``fit --config configs/digits.yaml --config experiments/base.yaml [--config delta ...]
 --seed_everything S``. Its folder is named by a hash of those files' contents and the
-arguments, so a changed config trains anew, an unchanged one is never trained twice, and a run
-killed half-way resumes from its ``last.ckpt`` (``--ckpt_path last``) when the command is rerun.
-The fit runs in this process (``cli.main``), as ``python -m iddpm_lightning fit`` would.
+arguments, and by the code that trains and measures (``code_version``: this package's version
+and source, and the versions of torch, Lightning and diffusers), so a changed config or code
+trains anew, an unchanged one is never trained twice, and a run killed half-way resumes from its
+``last.ckpt`` (``--ckpt_path last``) when the command is rerun. A run is finished only when its
+checkpoint holds the target step: a fit stopped early (Ctrl-C, a signal) exits cleanly, but is
+not finished. ``--reuse`` takes runs (and measurements) of other code instead, and the report
+names them. The fit runs in this process (``cli.main``), as ``python -m iddpm_lightning fit`` would.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpointing import read_checkpoint
 from ..cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "configs" / "digits.yaml"
 EXPERIMENTS = REPO / "experiments"
+PACKAGE = Path(__file__).resolve().parents[1]
+# The suite's own files that decide no number (they judge and print what is measured).
+NOT_MEASURING = ("experiments/__main__.py", "experiments/claims.py", "experiments/report.py")
+
+
+@functools.cache
+def code_version() -> str:
+    """A 10-digit hash of what determines a run's numbers beyond its configs: every source file of
+    the package (but the suite's judging and printing), its version, and the versions of torch,
+    Lightning and diffusers."""
+    digest = hashlib.sha256()
+    for name in ("iddpm_lightning", "torch", "lightning", "diffusers"):
+        digest.update(f"{name}={importlib.metadata.version(name)};".encode())
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative not in NOT_MEASURING:
+            digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:10]
 
 
 @dataclass(frozen=True)
@@ -89,21 +114,49 @@ def fit_args(run: Run, scale: Scale) -> list[str]:
             f"--trainer.max_steps={scale.lengths[-1]}"]
 
 
-def run_dir(run: Run, scale: Scale, runs_dir: Path) -> Path:
-    """``runs_dir/{name}-s{seed}-{hash}``: the hash covers the arguments and every config file's text."""
+def config_digest(run: Run, scale: Scale) -> str:
+    """A hash of the arguments and every config file's text."""
     args = fit_args(run, scale)
     texts = [Path(a).read_text() for a in args if a.endswith(".yaml")]
-    digest = hashlib.sha256(json.dumps([[a.replace(str(REPO), "") for a in args], texts]).encode()).hexdigest()[:10]
-    return runs_dir / f"{run.label}-{digest}"
+    return hashlib.sha256(json.dumps([[a.replace(str(REPO), "") for a in args], texts]).encode()).hexdigest()[:10]
 
 
-def train(run: Run, scale: Scale, runs_dir: Path, log=print) -> Path:
-    """Train ``run`` unless its folder already holds the finished run; resume a killed one.
-    Writes ``done.json`` (steps, wall seconds over all attempts) when training has finished."""
+def run_dir(run: Run, scale: Scale, runs_dir: Path, code: str | None = None) -> Path:
+    """``runs_dir/{name}-s{seed}-{config hash}-{code version}``."""
+    return runs_dir / f"{run.label}-{config_digest(run, scale)}-{code or code_version()}"
+
+
+def trained_step(folder: Path) -> int | None:
+    """The step of the run's last.ckpt (its metadata only), or None without one."""
+    path = folder / "checkpoints" / "last.ckpt"
+    return read_checkpoint(path, mmap=True).get("global_step") if path.is_file() else None
+
+
+def finished(folder: Path, scale: Scale) -> bool:
+    """Whether the run in ``folder`` trained to the end: done.json, and last.ckpt at the target step."""
+    return (folder / "done.json").is_file() and trained_step(folder) == scale.lengths[-1]
+
+
+def find(run: Run, scale: Scale, runs_dir: Path, reuse: bool = False) -> tuple[Path, str | None]:
+    """The folder of ``run`` and, if it was trained by other code (``reuse``: the newest finished
+    run of the same configs, when this code has none), that code's version."""
     folder = run_dir(run, scale, runs_dir)
-    done = folder / "done.json"
-    if done.is_file():
-        return folder
+    if reuse and not finished(folder, scale):
+        others = [f for f in runs_dir.glob(f"{run.label}-{config_digest(run, scale)}-*") if finished(f, scale)]
+        if others:
+            newest = max(others, key=lambda f: (f / "done.json").stat().st_mtime_ns)
+            return newest, newest.name.rsplit("-", 1)[1]
+    return folder, None
+
+
+def train(run: Run, scale: Scale, runs_dir: Path, log=print, reuse: bool = False) -> tuple[Path, str | None]:
+    """Train ``run`` unless it is finished (see ``find``); resume a killed one. Writes ``done.json``
+    (steps, wall seconds over all attempts, code version) once last.ckpt holds the target step;
+    a fit that stopped before it is an error (rerun to resume). Returns ``find``'s pair."""
+    folder, reused = find(run, scale, runs_dir, reuse)
+    if finished(folder, scale):
+        return folder, reused
+    target = scale.lengths[-1]
     folder.mkdir(parents=True, exist_ok=True)
     args = [*fit_args(run, scale), f"--run_dir={folder}"]
     attempts = folder / "attempts.json"
@@ -112,7 +165,7 @@ def train(run: Run, scale: Scale, runs_dir: Path, log=print) -> Path:
         args.append("--ckpt_path=last")
         log(f"  {run.label}: resuming {folder}")
     else:
-        log(f"  {run.label}: training {scale.lengths[-1]} steps in {folder}")
+        log(f"  {run.label}: training {target} steps in {folder}")
     start = time.perf_counter()
     try:
         main(args)  # in-process: the fit command itself, without a new interpreter's start-up
@@ -122,5 +175,9 @@ def train(run: Run, scale: Scale, runs_dir: Path, log=print) -> Path:
     finally:
         spent += time.perf_counter() - start
         attempts.write_text(json.dumps({"wall_s": spent}))
-    done.write_text(json.dumps({"steps": scale.lengths[-1], "wall_s": round(spent, 1)}))
-    return folder
+    step = trained_step(folder)
+    if step != target:  # a graceful stop (Ctrl-C, SIGTERM) exits cleanly, at an earlier step
+        raise RuntimeError(f"training {run.label} stopped at step {step} of {target} ({folder}); rerun the command "
+                           f"to resume it")
+    (folder / "done.json").write_text(json.dumps({"steps": target, "wall_s": round(spent, 1), "code": code_version()}))
+    return folder, None

@@ -121,6 +121,7 @@ def write(result: dict, out: Path) -> Path:
           f"against the 1,497 training digits, {scale['num_samples']} samples per cell, the same noise for every "
           f"model; test bits/dim is the unbiased stratified estimate (2 × {scale['bpd_strata']} model calls per image) "
           f"on {scale['bpd_images']} test digits (`test` computes the exact value).", "",
+          *_reuse_lines(result),
           "| claim | verdict |", "|---|---|",
           *(f"| {c['id']}. {c['title']} | **{c['verdict']}** |" for c in result["claims"]), ""]
     for c in result["claims"]:
@@ -140,6 +141,17 @@ def write(result: dict, out: Path) -> Path:
     path = out.with_suffix(".md")
     path.write_text("\n".join(md))
     return path
+
+
+def _reuse_lines(result: dict) -> list[str]:
+    """With ``--reuse``: which runs and measurements came from other versions of the code."""
+    runs = {label: r["reused_from_code"] for label, r in result["runs"].items() if r.get("reused_from_code")}
+    if not runs and not result["reused_measurements"]:
+        return [f"Every run was trained and every number measured by this code (version {result['code']}).", ""]
+    lines = [f"**Reused from other versions of the code (`--reuse`; this code is {result['code']}):**"]
+    lines += [f"- run {label}: trained by code {code}" for label, code in runs.items()]
+    lines += [f"- measurement {m}" for m in result["reused_measurements"]]
+    return lines + [""]
 
 
 def _finite(value):
