@@ -35,13 +35,13 @@ import math
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from common import RESULTS, build_model, describe, images, machine, timed
+from iddpm_lightning.diffusion import Sampler
 from memory import fit_line
 from train_step import fit_steps, plain_round, step_flops
 
@@ -204,7 +204,7 @@ def bits_per_dim(bench: Bench) -> None:
         for max_batch in [images_n] + [m for b, m in cases if b == images_n]:
             k = max(1, max_batch // images_n)  # timesteps per call
             n_t = min(T, max(4 * k, 8 if bench.tiny else 64))  # at least 4 full calls
-            diffusion = model.diffusion.spaced(range(0, T, T // n_t)[:n_t])
+            diffusion = model.diffusion.respace(range(0, T, T // n_t)[:n_t])
             g = torch.Generator(bench.device).manual_seed(0)
             bench.free()
             with torch.autocast(bench.device.type, enabled=False):
@@ -222,16 +222,25 @@ def bits_per_dim(bench: Bench) -> None:
 
 @torch.no_grad()
 def sampling(bench: Bench) -> None:
+    """Images/s of respaced ancestral sampling: ``IDDPM.sample`` (float32, as predict and the callbacks
+    draw), and the same sampler on the UNet under bf16 autocast through the library (what a bf16
+    option would buy)."""
     bench.free()
     model = bench.model().to(bench.device).eval()
     n, steps = (4, 5) if bench.tiny else (256, 100)
+    shape = (n, model.hparams.in_channels, model.hparams.image_size, model.hparams.image_size)
+    routes = {
+        "fp32": lambda sampler, g: model.sample(sampler, n, generator=g),
+        "bf16 autocast": lambda sampler, g: sampler.sample(model.diffusion, model.model_fn(model.eval_unet), shape,
+                                                           generator=g, device=bench.device),
+    }
     rows = {}
-    for name, precision in (("fp32", nullcontext()), ("bf16 autocast", torch.autocast(bench.device.type, torch.bfloat16))):
+    for name, route in routes.items():
         bench.free()
-        with precision:
-            model.sample(n, sample_steps=2, generator=torch.Generator(bench.device).manual_seed(0))  # warm-up
-            seconds, _ = timed(lambda: model.sample(n, sample_steps=steps,
-                                                    generator=torch.Generator(bench.device).manual_seed(0)), bench.device)
+        with torch.autocast(bench.device.type, torch.bfloat16, enabled=name != "fp32"):
+            route(Sampler(steps=2), torch.Generator(bench.device).manual_seed(0))  # warm-up
+            seconds, _ = timed(lambda: route(Sampler(steps=steps), torch.Generator(bench.device).manual_seed(0)),
+                               bench.device)
         rows[name] = {"images": n, "steps": steps, "seconds": seconds, "images_per_s": n / seconds,
                       "peak_gpu_memory_gib": bench.peak_memory_gib()}
         print(f"  {steps}-step sampling, {name}: {n / seconds:.2f} images/s", flush=True)

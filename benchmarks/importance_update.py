@@ -3,7 +3,7 @@
 The setting of the paper's large runs: T = 4000 timesteps, H = 10 losses kept per timestep,
 and a gathered batch of 8 ranks x 128 = 1024 (t, loss) pairs per training step.
 
-* vectorized: ``LossSecondMomentResampler.update`` (torch, CPU), as the callback calls it
+* vectorized: ``LossSecondMoment.update`` (torch, CPU), as the callback calls it
   with the all-gathered tensors.
 * loop+item: what the paper's code does: ``update_with_local_losses`` turns the gathered
   tensors into Python numbers with one ``.item()`` per element (on a GPU each is a host
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from common import machine as common_machine
-from iddpm_lightning.diffusion.resample import LossSecondMomentResampler
+from iddpm_lightning.diffusion.timesteps import LossSecondMoment
 
 
 def loop_update(history: np.ndarray, counts: np.ndarray, timesteps: list[int], losses: list[float]) -> None:
@@ -52,7 +52,7 @@ def warm_state(T: int, H: int, rng: np.random.Generator) -> tuple[torch.Tensor, 
     t = np.repeat(np.arange(T), target)
     rng.shuffle(t)
     losses = rng.lognormal(mean=-2.0, sigma=2.0, size=len(t))
-    r = LossSecondMomentResampler(T, H)
+    r = LossSecondMoment(T, H)
     r.update(torch.from_numpy(t), torch.from_numpy(losses))
     hist, counts = np.zeros((T, H)), np.zeros(T, dtype=np.int64)
     loop_update(hist, counts, t.tolist(), losses.tolist())
@@ -82,7 +82,7 @@ def main() -> None:
     losses = torch.from_numpy(rng.lognormal(mean=-2.0, sigma=2.0, size=N))
     n_full = int((counts0 == H).sum())
 
-    resampler = LossSecondMomentResampler(T, H)
+    resampler = LossSecondMoment(T, H)
 
     def run_vectorized() -> tuple[float, torch.Tensor, torch.Tensor]:
         resampler.load(history0.clone(), counts0.clone())

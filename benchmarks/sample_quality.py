@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SETTINGS = [  # (label, sampler, sample_steps)
+SETTINGS = [  # (label, sampler name, steps)
     ("ancestral, 25 steps", "ddpm", 25),
     ("ancestral, 50 steps", "ddpm", 50),
     ("ancestral, 100 steps", "ddpm", 100),
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--out", default="benchmarks/results/sample_quality.json")
     parser.add_argument("--timing_only", action="store_true")
+    parser.add_argument("--rows", nargs="*", help="measure only the rows with these labels (the others stay as in --out)")
     args = parser.parse_args()
     if args.timing_only:
         record = json.loads(Path(args.out).read_text())
@@ -60,19 +61,23 @@ def main() -> None:
     base = ["predict", "--config", args.config, "--ckpt_path", args.ckpt_path, "--trainer.enable_progress_bar=false"]
 
     def predict(sampler: str, steps, n: int, out: Path) -> float:
-        return cli(*base, f"--sampling.num_samples={n}", f"--sampling.sampler={sampler}",
-                   f"--sampling.sample_steps={'null' if steps is None else steps}", f"--sampling.batch_size={n}",
+        return cli(*base, f"--sampling.num_samples={n}", f"--sampling.sampler.name={sampler}",
+                   f"--sampling.sampler.steps={'null' if steps is None else steps}", f"--sampling.batch_size={n}",
                    f"--sampling.out_dir={out}")
 
     startup = predict("ddpm", 1, 1, work / "startup")  # a command that samples one image in one step
+    previous = {r["label"]: r for r in json.loads(Path(args.out).read_text())["rows"]} if args.rows else {}
     rows = []
     for label, sampler, steps in SETTINGS:
+        if args.rows and label not in args.rows:
+            rows.append(previous[label])
+            continue
         out = work / f"{sampler}_{steps}"
         seconds = predict(sampler, steps, args.num_samples, out)
         (samples,) = out.glob("samples_*.npz")
         cli("evaluate", "--samples", str(samples), "--reference", args.config)
         result = json.loads(next(out.glob("samples_*_digits_train.json")).read_text())
-        rows.append({"label": label, "sampler": sampler, "sample_steps": steps, "predict_s": round(seconds, 1),
+        rows.append({"label": label, "sampler": sampler, "steps": steps, "predict_s": round(seconds, 1),
                      "sampling_s": round(seconds - startup, 1), **{k: result["metrics"][k] for k in METRICS},
                      "features": result["features"], "num_samples": result["num_samples"]})
         print(f"{label}: {rows[-1]}", flush=True)
@@ -89,25 +94,28 @@ def main() -> None:
     record = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "checkpoint": args.ckpt_path, "num_samples": args.num_samples, "startup_s": round(startup, 1),
               "held_out_digits_150": held_out, "rows": rows}
-    time_in_process(record, args.ckpt_path)
+    time_in_process(record, args.ckpt_path, args.rows)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     table(record)
 
 
-def time_in_process(record: dict, ckpt_path: str) -> None:
+def time_in_process(record: dict, ckpt_path: str, labels: list[str] | None = None) -> None:
     """``sampling_s``: IDDPM.sample of the rows' N images in one batch, timed here (the full chain:
-    its command's time minus the start-up command's)."""
+    its command's time minus the start-up command's); only the rows ``labels`` if given."""
+    from iddpm_lightning.diffusion import Sampler
     from iddpm_lightning.module import IDDPM
     from iddpm_lightning.rng import seeded_generator
 
     model = IDDPM.load_from_checkpoint(ckpt_path, map_location="cpu")
     for r in record["rows"]:
-        if r["sample_steps"] is None:
+        if labels and r["label"] not in labels:
+            continue
+        if r["steps"] is None:
             r["sampling_s"] = round(r["predict_s"] - record["startup_s"], 1)
             continue
         g = seeded_generator(torch.device("cpu"), 0, 0)
         start = time.perf_counter()
-        model.sample(record["num_samples"], r["sample_steps"], r["sampler"], generator=g)
+        model.sample(Sampler(r["sampler"], r["steps"]), record["num_samples"], generator=g)
         r["sampling_s"] = round(time.perf_counter() - start, 1)
         print(f"{r['label']}: {r['sampling_s']} s in process", flush=True)
 

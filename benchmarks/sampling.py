@@ -2,7 +2,7 @@
 
 Same UNet, same weights, same batch, 100 model calls each:
 
-* iddpm_lightning: ``IDDPM.sample(n, sample_steps=100)`` (learned-range variance,
+* iddpm_lightning: ``IDDPM.sample(Sampler(steps=100), n)`` (learned-range variance,
   respaced as the paper does: ``space_timesteps(T, "100")``).
 * + compile: the same with the model option ``compile: true``.
 * diffusers: ``DDPMPipeline`` with ``DDPMScheduler(beta_schedule="squaredcos_cap_v2",
@@ -25,6 +25,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from common import alternate, build_model, report, timed
+from iddpm_lightning.diffusion import Sampler
 
 
 def sampler_overhead(model, scheduler: DDPMScheduler, n: int, steps: int, device: torch.device) -> dict[str, float]:
@@ -33,11 +34,12 @@ def sampler_overhead(model, scheduler: DDPMScheduler, n: int, steps: int, device
     hp = model.hparams
     shape = (n, hp.in_channels, hp.image_size, hp.image_size)
     output = 0.5 * torch.randn(n, model.unet.config.out_channels, hp.image_size, hp.image_size, device=device)
-    diffusion = model.respaced(steps)
+    diffusion, sampler = model.diffusion, Sampler(steps=steps)
 
     def ours() -> float:
         g = torch.Generator(device).manual_seed(0)
-        return timed(lambda: diffusion.p_sample_loop(lambda x, t: output, shape, generator=g, device=device), device)[0]
+        return timed(lambda: sampler.sample(diffusion, lambda x, t: output, shape, generator=g, device=device),
+                     device)[0]
 
     @torch.no_grad()
     def theirs_loop(g):  # DDPMPipeline.__call__'s loop
@@ -77,7 +79,7 @@ def main() -> None:
         g = torch.Generator(device).manual_seed(0)
 
         def run():
-            x = model.sample(args.batch_size, sample_steps=args.steps, generator=g)  # (N, C, H, W) in [-1, 1]
+            x = model.sample(Sampler(steps=args.steps), args.batch_size, generator=g)  # (N, C, H, W) in [-1, 1]
             return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
         return timed(run, device)[0]

@@ -2,7 +2,7 @@
 
 Both train the same UNet (same initial weights) on the same data at the same batch size:
 
-* iddpm_lightning: ``Trainer.fit`` of the ``IDDPM`` module with the ``ImportanceSampler``
+* iddpm_lightning: ``Trainer.fit`` of the ``IDDPM`` module with the ``ImportanceSampling``
   callback, the EMA, keyed generators, the non-finite check, TensorBoard logging every
   ``log_every_n_steps`` and the learning-rate monitor (no progress bar, no validation or
   checkpoint inside the timed window).
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import build_model, images, peak_rss_gb, report, sync
-from iddpm_lightning.callbacks import ImportanceSampler, NonFiniteGuard
+from iddpm_lightning.callbacks import ImportanceSampling, NonFiniteGuard
 from iddpm_lightning.data import DigitsDataModule
 
 
@@ -70,7 +70,7 @@ def fit_steps(model, loader, steps: int, precision: str = "32-true", accelerator
 def lightning_round(model, loader, steps: int, precision: str, accelerator: str, log_dir: str) -> list[float]:
     clock = StepClock()
     trainer = Trainer(max_steps=steps, accelerator=accelerator, devices=1, precision=precision,
-                      callbacks=[ImportanceSampler(), NonFiniteGuard(), clock],  # the guard: as the CLI adds it
+                      callbacks=[ImportanceSampling(), NonFiniteGuard(), clock],  # the guard: as the CLI adds it
                       logger=TensorBoardLogger(log_dir, name="", version=""),
                       log_every_n_steps=10, limit_val_batches=0, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from iddpm_lightning.data import DigitsDataModule, to_uint8
-from iddpm_lightning.callbacks.fid import digit_features
-from iddpm_lightning.evaluation.features import default_cache_dir
+from iddpm_lightning.diffusion import Sampler
+from iddpm_lightning.evaluation.features import default_cache_dir, digit_features
 from iddpm_lightning.evaluation.metrics import ReferenceStats, sample_quality
 from iddpm_lightning.module import IDDPM
 from iddpm_lightning.rng import seeded_generator
@@ -38,7 +38,7 @@ def main() -> None:
     train = torch.utils.data.DataLoader(dm.reference("train").dataset, batch_size=10_000)
     reference = ReferenceStats.from_features(features(to_uint8(next(iter(train))[0]))[0])
     model = IDDPM.load_from_checkpoint(args.ckpt_path, map_location="cpu").eval()
-    x = model.sample(args.num_samples, 100, generator=seeded_generator(torch.device("cpu"), 0, 0))  # as predict
+    x = model.sample(Sampler(), args.num_samples, generator=seeded_generator(torch.device("cpu"), 0, 0))  # predict's
     versions = {"rounded": to_uint8(x),
                 "truncated": ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)}  # .to(uint8) truncates
     result = {"checkpoint": args.ckpt_path, "num_samples": args.num_samples, "sampler": "ddpm, 100 respaced steps",

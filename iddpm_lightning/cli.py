@@ -193,9 +193,8 @@ class IDDPMCLI(LightningCLI):
         # trained on other data is refused here, before anything is written.
         check_compatible(self._ckpt_hparams, self.model.hparams)
         check_precision(self.trainer.precision)
-        sampling = self._get(self.config_init, "sampling")
-        if self.subcommand == "predict":
-            self.model.check_sampling(sampling.sample_steps, sampling.sampler)  # fails before anything is written
+        if self.subcommand == "predict":  # steps the sampler cannot take fail before anything is written
+            self._get(self.config_init, "sampling").sampler.timesteps(self.model.diffusion)
 
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})

@@ -36,7 +36,7 @@ def ddpm_scheduler_config(timesteps: int, noise_schedule: str, model_var_type: s
         "clip_sample": True,
         "clip_sample_range": 1.0,
         "prediction_type": "epsilon",
-        # num_inference_steps=k keeps the steps of our sample_steps=k (diffusers' default
+        # num_inference_steps=k keeps the steps of our sampler.steps=k (diffusers' default
         # "leading" would start at T - T//k instead of T - 1).
         "timestep_spacing": "linspace",
     }
@@ -71,7 +71,7 @@ def export_to_diffusers(ckpt_path: str | Path, out_dir: str | Path, use_ema: boo
     ``fixed_small`` as ``fixed_small_log``: σ = √β̃_t; ``fixed_large``: σ = √β_t); no noise
     at the last step; and, with the same generator, the same noise draws (x_T and each z
     are ``torch.randn`` of the image's shape). ``timestep_spacing="linspace"`` makes
-    ``num_inference_steps=k`` keep the steps of our ``sample_steps=k``, with the respaced
+    ``num_inference_steps=k`` keep the steps of our ``sampler.steps=k``, with the respaced
     β derived from ᾱ at the kept steps as ours are. Measured at T = 100: one step agrees to
     1.3e-5 (x̂_0 to 1.2e-6), a whole 100-step chain to 2.6e-6.
 

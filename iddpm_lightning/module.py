@@ -1,14 +1,11 @@
 """IDDPM: a thin LightningModule over a diffusers UNet and ``GaussianDiffusion``.
 
-One training step: draw ``(t, weights)`` from the module's ``timestep_sampler`` (uniform until
-a callback such as the importance sampler gives it a distribution), compute the per-sample
-terms of ``GaussianDiffusion.training_losses`` and minimise mean(weights · loss); after the
-optimizer step, move the exponential moving average of the UNet (``ema_unet``, part of the
-module, so part of every checkpoint). Validation, test and sampling use the EMA weights unless
-``eval_with_ema`` is false. What is written around the steps lives in callbacks: the test
-report (``callbacks/report.py``), sample grids, FID and bits/dim during validation.
-
-(About 300 lines, half of them the docstrings of its settings and steps.)
+A training step draws ``(t, weights)`` from the module's ``timestep_distribution`` (uniform until a
+callback such as ``ImportanceSampling`` gives it p_t) and minimises mean(weights · loss) of
+``GaussianDiffusion.training_losses``; after the optimizer step the exponential moving average of
+the UNet (``ema_unet``, so part of every checkpoint) follows. Validation, test and sampling use the
+EMA weights unless ``eval_with_ema`` is false. Around the steps: callbacks; how images are drawn:
+``diffusion.samplers``.
 """
 
 from __future__ import annotations
@@ -22,15 +19,13 @@ from torchmetrics import MeanMetric
 
 from .compat import RUNTIME, check_compatible, legacy_unet, plain
 from .data import to_uint8
-from .diffusion import BPD_MAX_BATCH, GaussianDiffusion, get_named_beta_schedule
-from .diffusion.dpm_solver import COSINE_LAMBDA_MIN, dpm_solver_timesteps
-from .diffusion.resample import TimestepSampler, UniformSampler
+from .diffusion import BPD_MAX_BATCH, GaussianDiffusion, Sampler, TimestepDistribution, UniformTimesteps
+from .diffusion.schedules import get_named_beta_schedule
 from .errors import ConfigError
 from .rng import global_rng_seeded, seeded_generator
 from .sampling import SampleBatch
 from .settings import (LossType, NoiseSchedule, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                       Sampler, SampleSteps, SolverOrder, UnitIntervalOpenRight, VarianceType, check_args,
-                       check_precision)
+                       UnitIntervalOpenRight, VarianceType, check_args, check_precision)
 from .unet import UNetConfig, build_unet
 
 __all__ = ["IDDPM"]
@@ -45,18 +40,14 @@ class IDDPM(LightningModule):
 
     Args:
         unet: The UNet's structure (widths, blocks, attention, dropout).
-        image_size: Height and width of the images (linked from the data module).
-        in_channels: Image channels C (linked from the data module). The UNet outputs 2C
-            channels (ε and v) for a learned variance, C otherwise.
-        num_classes: Number of classes (linked from the data module); used only if
-            ``class_cond``.
+        image_size, in_channels, num_classes: The data's shape (linked from the data module). The
+            UNet outputs 2C channels (ε and v) for a learned variance, C otherwise.
         class_cond: Condition the UNet on class labels (a learned class embedding).
         timesteps: Diffusion steps T.
         noise_schedule: The β schedule (§3.2): ``cosine`` or ``linear``.
         model_var_type: The reverse variance: ``learned_range`` (§3.1) or a fixed one.
         loss_type: ``hybrid`` (L_simple + λ L_vlb), ``vlb`` or ``simple``.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (the paper uses 0).
+        lr, weight_decay: AdamW's (the paper: 1e-4 and 0).
         warmup_steps: Linear learning-rate warm-up over this many optimizer steps (0: none).
         ema_decay: Decay of the exponential moving average of the weights.
         ema_warmup: Use min(ema_decay, (1 + n) / (10 + n)) after n updates, so that a short
@@ -64,20 +55,13 @@ class IDDPM(LightningModule):
         seed: Keys every random stream of training, validation and test (t, ε, dropout); the
             CLI sets it from ``seed_everything``.
         eval_with_ema: Run-time: validate, test and sample with the EMA weights (else the raw ones).
-        bpd_batch_size: Run-time: model inputs per forward pass when evaluating bits/dim (``test``
-            and the ``BitsPerDim`` callback): k = ``bpd_batch_size // B`` timesteps of the same B
-            images share one call. It changes no number (beyond float rounding), only speed and
-            memory.
-        channels_last: Run-time: run the UNets in channels-last memory format (faster
-            convolutions on GPUs with tensor cores, and often on CPUs with oneDNN).
-        compile: Run-time: ``torch.compile`` the UNets (the first steps pay the compilation).
-            With dropout, compiled training draws other dropout masks than eager (inductor's
-            own random streams), so keep it unchanged across a resume for an exact resume.
-        gradient_checkpointing: Run-time: activation checkpointing of the trained UNet's residual
-            blocks (diffusers' ``enable_gradient_checkpointing``): their activations are
-            recomputed in the backward pass instead of kept, for a larger batch per device at
-            the cost of a second forward of those blocks. The same loss and gradients (the
-            recomputation replays the dropout masks).
+        bpd_batch_size: Run-time: model inputs per forward pass when evaluating bits/dim: k =
+            ``bpd_batch_size // B`` timesteps of the same B images share a call (no number changes).
+        channels_last: Run-time: run the UNets in channels-last memory format.
+        compile: Run-time: ``torch.compile`` the UNets. With dropout, compiled training draws other
+            masks than eager (inductor's streams): keep it unchanged across a resume.
+        gradient_checkpointing: Run-time: recompute the trained UNet's residual blocks in the
+            backward pass (diffusers'): less activation memory, the same loss and gradients.
     """
 
     def __init__(
@@ -104,7 +88,7 @@ class IDDPM(LightningModule):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        unet = UNetConfig(**legacy_unet(unet)) if isinstance(unet, dict) else unet  # a checkpoint's hyper_parameters hold a dict
+        unet = UNetConfig(**legacy_unet(unet)) if isinstance(unet, dict) else unet  # a checkpoint's hparams hold a dict
         self.save_hyperparameters(ignore=RUNTIME)
         plain(self.hparams)  # checkpoints hold plain types
         try:
@@ -129,13 +113,11 @@ class IDDPM(LightningModule):
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         if gradient_checkpointing:  # only the trained UNet: the EMA never runs with gradients
             self.unet.enable_gradient_checkpointing()
-        if compile:
-            # In place (Module.compile): the state dict keeps its keys, so checkpoints of
-            # compiled and eager runs are interchangeable.
+        if compile:  # in place (Module.compile): the state dict keeps its keys, checkpoints stay interchangeable
             self.unet.compile()
             self.ema_unet.compile()
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self.timestep_sampler = TimestepSampler(timesteps)  # a callback may give it p_t; it never replaces it
+        self.timestep_distribution = TimestepDistribution(timesteps)  # a callback may give it p_t; none replaces it
 
         self.val_loss, self.val_mse, self.val_vb = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_vb_quartiles = torch.nn.ModuleList(MeanMetric() for _ in range(4))
@@ -149,9 +131,9 @@ class IDDPM(LightningModule):
         return self.ema_unet if self.eval_with_ema else self.unet
 
     def model_fn(self, unet, labels: torch.Tensor | None = None):
-        """The ``model(x_t, t)`` callable GaussianDiffusion expects, for a UNet and the B
-        labels of a batch. Given k·B inputs (timesteps batched over the same images, t-major)
-        it repeats the labels k times."""
+        """The ``model(x_t, t)`` callable GaussianDiffusion expects, for a UNet and the B labels
+        of a batch. Given k·B inputs (timesteps batched over the same images, t-major) it repeats
+        the labels k times."""
         labels = labels if self.hparams.class_cond else None
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
 
@@ -168,9 +150,7 @@ class IDDPM(LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's ``load_from_checkpoint``, with the UNet of a checkpoint written before a UNet
-        setting existed built as it was trained (``compat.legacy_unet``): the CLI's checkpoints
-        are rebuilt by jsonargparse, which would give a missing setting today's default."""
+        """Lightning's, with an older checkpoint's UNet built as it was trained (``compat.legacy_unet``)."""
         if "unet" not in kwargs and isinstance(checkpoint_path, (str, Path)):
             saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
             unet = saved.get("hyper_parameters", {}).get("unet")
@@ -187,11 +167,11 @@ class IDDPM(LightningModule):
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
 
-    def _step(self, unet, batch, sampler, generator: torch.Generator):
-        """Draw t from ``sampler`` and ε from ``generator``; the terms of L_hybrid/L_vlb/L_simple
+    def _step(self, unet, batch, distribution, generator: torch.Generator):
+        """Draw t from ``distribution`` and ε from ``generator``; the terms of L_hybrid/L_vlb/L_simple
         for the batch: (t [B], weights [B], {loss, mse, vb} each [B])."""
         x_start, labels = batch  # (B, C, H, W) in [-1, 1], (B,)
-        t, weights = sampler.sample(x_start.shape[0], self.device, generator=generator)
+        t, weights = distribution.draw(x_start.shape[0], self.device, generator=generator)
         noise = torch.randn(x_start.shape, generator=generator, device=self.device, dtype=x_start.dtype)
         terms = self.diffusion.training_losses(self.model_fn(unet, labels), x_start, t, noise=noise)
         return t, weights, terms
@@ -203,7 +183,8 @@ class IDDPM(LightningModule):
         number = batch_idx + (epoch * self.trainer.num_training_batches if epoch else 0)  # every epoch is whole
         key = (self.hparams.seed, self.global_rank, number)
         with global_rng_seeded(self.device, *key, _DROPOUT):  # dropout draws from the global generator
-            t, weights, terms = self._step(self.unet, batch, self.timestep_sampler, seeded_generator(self.device, *key))
+            t, weights, terms = self._step(self.unet, batch, self.timestep_distribution,
+                                           seeded_generator(self.device, *key))
         loss = (terms["loss"] * weights).mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mse", terms["mse"].mean())
@@ -214,18 +195,15 @@ class IDDPM(LightningModule):
         """The training terms on held-out images with the eval weights, at uniform t and ε drawn
         from a generator keyed by the batch, so every validation sees the same t and ε."""
         g = seeded_generator(self.device, self.hparams.seed, self.global_rank, _VAL + batch_idx)
-        t, _, terms = self._step(self.eval_unet, batch, UniformSampler(self.diffusion.num_timesteps), g)
-        self.val_loss.update(terms["loss"])
-        self.val_mse.update(terms["mse"])
-        self.val_vb.update(terms["vb"])
+        t, _, terms = self._step(self.eval_unet, batch, UniformTimesteps(self.diffusion.num_timesteps), g)
+        for metric, name in ((self.val_loss, "loss"), (self.val_mse, "mse"), (self.val_vb, "vb")):
+            metric.update(terms[name])
         quartile = t * 4 // self.diffusion.num_timesteps  # (B,) in 0..3
         for q, metric in enumerate(self.val_vb_quartiles):
             metric.update(terms["vb"], weight=(quartile == q).to(terms["vb"].dtype))
-        B = len(t)
-        self.log_dict({"val/loss": self.val_loss, "val/mse": self.val_mse, "val/vb": self.val_vb},
-                      on_step=False, on_epoch=True, batch_size=B)
-        self.log_dict({f"val/vb_q{q}": m for q, m in enumerate(self.val_vb_quartiles)},
-                      on_step=False, on_epoch=True, batch_size=B)
+        self.log_dict({"val/loss": self.val_loss, "val/mse": self.val_mse, "val/vb": self.val_vb,
+                       **{f"val/vb_q{q}": m for q, m in enumerate(self.val_vb_quartiles)}},
+                      on_step=False, on_epoch=True, batch_size=len(t))
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -241,9 +219,9 @@ class IDDPM(LightningModule):
         self._ema_n = int(self.ema_updates)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        """The optimizer step, then the EMA update: once per step that really changed the
-        weights, so not per accumulated micro-batch (Lightning calls this once per step),
-        and not after a step the fp16 grad scaler skipped (it lowers its scale exactly then)."""
+        """The optimizer step, then the EMA update: once per step that really changed the weights,
+        so not per accumulated micro-batch (Lightning calls this once per step), and not after a
+        step the fp16 grad scaler skipped (it lowers its scale exactly then)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None else None
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -254,9 +232,7 @@ class IDDPM(LightningModule):
     def update_ema(self):
         """ema ← ema + (1 − decay)(θ − ema), decay = min(ema_decay, (1+n)/(10+n)) with warm-up."""
         n = self._ema_n
-        decay = self.hparams.ema_decay
-        if self.hparams.ema_warmup:
-            decay = min(decay, (1 + n) / (10 + n))
+        decay = min(self.hparams.ema_decay, (1 + n) / (10 + n)) if self.hparams.ema_warmup else self.hparams.ema_decay
         torch._foreach_lerp_(list(self.ema_unet.parameters()), list(self.unet.parameters()), 1.0 - decay)
         self._ema_n = n + 1
         self.ema_updates.fill_(n + 1)
@@ -269,8 +245,7 @@ class IDDPM(LightningModule):
         x_start, labels = batch
         g = seeded_generator(self.device, self.hparams.seed, self.global_rank, _TEST + batch_idx)
         progress = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
-        # Bits/dim are evaluated in float32 whatever trainer.precision: a reported likelihood
-        # must not depend on the precision a run happened to train in.
+        # In float32 whatever trainer.precision: a likelihood must not depend on the precision a run used.
         with torch.autocast(self.device.type, enabled=False):
             out = self.diffusion.calc_bpd_loop(self.model_fn(self.eval_unet, labels), x_start.float(), generator=g,
                                                progress=progress, max_batch=self.bpd_batch_size)
@@ -286,105 +261,40 @@ class IDDPM(LightningModule):
     # ---------------------------------------------------------------- sampling
 
     @torch.no_grad()
-    def sample(
-        self,
-        num_samples: int,
-        sample_steps: SampleSteps = None,
-        sampler: Sampler = "ddpm",
-        eta: float = 0.0,
-        labels: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        solver_order: SolverOrder = 2,
-    ) -> torch.Tensor:
-        """Images [N, C, H, W] in [-1, 1] from the eval weights.
-
-        ``sampler``: ``ddpm`` (ancestral, with the learned variance), ``ddim`` (``eta``) or
-        ``dpm_solver`` (DPM-Solver++ of ``solver_order``, deterministic, ε only).
-        ``sample_steps``: for ``ddpm``/``ddim`` None for all T steps or a respacing (``100``,
-        ``"10,15,25"``, ``"ddim50"``); for ``dpm_solver`` a number of steps (10-25).
-        ``labels`` [N] (class-conditional models): by default ``class_labels(arange(N))``. Drawn in
-        float32 whatever ``trainer.precision`` (predict runs under its autocast, the callbacks do
-        not): a sample, like bits/dim, must not depend on the precision a run used.
-        """
-        check_args("", IDDPM.sample, {"sampler": sampler, "solver_order": solver_order})
-        self.check_sampling(sample_steps, sampler)
+    def sample(self, sampler: Sampler = Sampler(), num_samples: int | None = None, noise: torch.Tensor | None = None,
+               labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """Images [N, C, H, W] in [-1, 1] drawn by ``sampler`` with the eval weights, from ``noise``
+        (x_T [N, C, H, W]) or from N(0, I) noise for ``num_samples`` images drawn from ``generator``.
+        ``labels`` [N] (class-conditional models): by default ``class_labels(arange(N))``. In float32
+        whatever ``trainer.precision`` (predict runs under its autocast): a sample, like bits/dim,
+        must not depend on the precision a run used."""
         hp = self.hparams
-        if labels is None:
-            labels = self.class_labels(torch.arange(num_samples, device=self.device))
-        shape = (num_samples, hp.in_channels, hp.image_size, hp.image_size)
+        n = len(noise) if noise is not None else num_samples
+        labels = self.class_labels(torch.arange(n, device=self.device)) if labels is None else labels
         unet = self.eval_unet
         was_training = unet.training
         unet.eval()
         try:
             with torch.autocast(self.device.type, enabled=False):
-                model = self.model_fn(unet, labels)
-                if sampler == "dpm_solver":
-                    return self.diffusion.dpm_solver_sample_loop(model, shape, int(sample_steps), solver_order,
-                                                                 self._lambda_min, generator=generator,
-                                                                 progress=progress, device=self.device)
-                diffusion = self.diffusion if sample_steps is None else self.respaced(sample_steps)
-                if sampler == "ddim":
-                    return diffusion.ddim_sample_loop(model, shape, eta=eta, generator=generator,
-                                                      progress=progress, device=self.device)
-                return diffusion.p_sample_loop(model, shape, generator=generator, progress=progress,
-                                               device=self.device)
+                return sampler.sample(self.diffusion, self.model_fn(unet, labels),
+                                      (n, hp.in_channels, hp.image_size, hp.image_size), noise=noise,
+                                      generator=generator, progress=progress, device=self.device)
         finally:
             unet.train(was_training)
 
     def class_labels(self, indices: torch.Tensor) -> torch.Tensor | None:
-        """The class of each sample by its index over the whole draw, [N]: ``index % num_classes``,
-        so any draw of N samples, cut into batches and ranks however, holds every class
-        ⌊N/K⌋ or ⌈N/K⌉ times (predict, FID and the grids use it); None if unconditional."""
+        """Each sample's class by its index over the whole draw [N], ``index % num_classes``: a draw of N,
+        cut into batches and ranks however, holds every class ⌊N/K⌋ or ⌈N/K⌉ times; None if unconditional."""
         return indices % self.hparams.num_classes if self.hparams.class_cond else None
 
-    def check_sampling(self, sample_steps: SampleSteps, sampler: Sampler = "ddpm") -> None:
-        """Refuse steps the sampler cannot take (a ConfigError), before any sampling time is spent:
-        a respacing T cannot meet, or anything but a step count in 1..T for ``dpm_solver``."""
-        if sampler != "dpm_solver":
-            if sample_steps is not None:
-                self.respaced(sample_steps)
-            return
-        T = self.diffusion.num_timesteps
-        count = str(sample_steps).strip() if sample_steps is not None else ""
-        if not count.isdigit() or not 1 <= int(count) <= T:
-            raise ConfigError(
-                f"sample_steps={sample_steps!r} is not a number of steps for sampler dpm_solver, which spaces its own "
-                f"steps; set sample_steps to a count from 1 to T={T} (it is meant for 10-25)"
-            )
-        try:
-            dpm_solver_timesteps(self.diffusion.betas, int(count), self._lambda_min)
-        except ValueError as e:
-            raise ConfigError(f"sample_steps={sample_steps!r} for sampler dpm_solver: {e}; set sample_steps to "
-                              f"fewer (it is meant for 10-25)") from None
-
-    @property
-    def _lambda_min(self) -> float:
-        """DPM-Solver's λ clip: diffusers' recommended −5.1 for the cosine schedule, none otherwise."""
-        return COSINE_LAMBDA_MIN if self.hparams.noise_schedule == "cosine" else -float("inf")
-
-    def respaced(self, sample_steps: str | int) -> GaussianDiffusion:
-        """The diffusion respaced to ``sample_steps`` (cached: respacing T = 4000 costs a few ms);
-        a respacing T cannot meet is a ConfigError."""
-        cache = self.__dict__.setdefault("_respaced", {})
-        key = str(sample_steps)
-        if key not in cache:
-            try:
-                cache[key] = self.diffusion.respace(sample_steps)
-            except ValueError as e:
-                raise ConfigError(f"sample_steps: {e}") from None
-        return cache[key].to(self.device)
-
     def predict_step(self, batch: SampleBatch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Samples for ``batch.index`` [b] as uint8 images [b, H, W, C] (rounded to the 256
-        levels), drawn with noise keyed by (seed, first index): the same seed gives the same
-        images on the same number of devices."""
-        indices = batch.index
-        g = seeded_generator(self.device, batch.seed, int(indices[0]))
-        labels = self.class_labels(indices)
-        x = self.sample(len(indices), batch.sample_steps, batch.sampler, batch.eta, labels=labels, generator=g,
-                        progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None,
-                        solver_order=batch.solver_order)
-        images = to_uint8(x).permute(0, 2, 3, 1)  # (b, H, W, C)
-        return {"index": indices, "image": images,
-                "label": labels if labels is not None else torch.zeros_like(indices)}
+        """Samples for ``batch.index`` [b] as uint8 images [b, H, W, C] (rounded to the 256 levels),
+        drawn with noise keyed by (seed, first index): the same seed gives the same images on the
+        same number of devices."""
+        g = seeded_generator(self.device, batch.seed, int(batch.index[0]))
+        labels = self.class_labels(batch.index)
+        x = self.sample(batch.sampler, len(batch.index), labels=labels, generator=g,
+                        progress=self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None)
+        return {"index": batch.index, "image": to_uint8(x).permute(0, 2, 3, 1),  # (b, H, W, C)
+                "label": labels if labels is not None else torch.zeros_like(batch.index)}

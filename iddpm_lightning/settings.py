@@ -12,6 +12,7 @@ range checks: a failure is a ConfigError of one sentence naming the setting and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 import operator
@@ -34,8 +35,6 @@ from .errors import ConfigError
 NoiseSchedule = Literal["cosine", "linear"]
 VarianceType = Literal["learned_range", "fixed_small", "fixed_large"]
 LossType = Literal["hybrid", "vlb", "simple"]
-Sampler = Literal["ddpm", "ddim", "dpm_solver"]
-SolverOrder = Literal[1, 2, 3]  # DPM-Solver++'s order (diffusers supports 1 to 3)
 Features = Literal["inception", "digits"]  # the feature space of sample-quality metrics
 
 # [0, 1): a dropout of 1 zeroes every activation, an EMA decay of 1 never moves.
@@ -51,7 +50,7 @@ Respacing = restricted_string_type(
     "Respacing", RESPACING_PATTERN,
     docstring="A respacing: a count like '100', section counts like '10,15,25', or a DDIM stride like 'ddim50'.",
 )
-# sample_steps: a positive number of steps, a respacing string, or null for all T steps.
+# A sampler's steps: a positive number of steps, a respacing string, or null for all T steps.
 SampleSteps = Union[PositiveInt, Respacing, None]
 
 _SYMBOLS = {operator.gt: ">", operator.ge: ">=", operator.lt: "<", operator.le: "<="}
@@ -98,6 +97,8 @@ def _conforms(value, hint) -> bool:
         kind = numbers.Integral if issubclass(hint, int) else numbers.Real
         return (isinstance(value, kind) and not isinstance(value, bool)
                 and all(op(value, bound) for op, bound in restrictions))
+    if dataclasses.is_dataclass(hint):  # a settings object (Sampler, UNetConfig): itself, not its name
+        return isinstance(value, hint)
     return True  # str, paths, modules: nothing to check beyond what their use checks
 
 
@@ -116,6 +117,8 @@ def _describe(hint) -> tuple[str, str]:
         return f"must be a list whose every item {what.removeprefix('must be ')}", f"a list of items each {fix}"
     if hint is bool:
         return "must be true or false", "one of them"
+    if dataclasses.is_dataclass(hint):
+        return f"is not a {hint.__name__}", f"{hint.__name__}(...) (in a config: its fields, e.g. name: and steps:)"
     restrictions = _restrictions(hint) or []
     if issubclass(hint, int):
         minimum = min(b + (op is operator.gt) for op, b in restrictions)

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import os
+
+# Idle OpenMP threads sleep instead of spinning (before torch loads libgomp): on a machine whose
+# cores other processes share, spinning threads made each tiny UNet call 27x slower (1.05 s
+# against 0.038 s measured on these 2 cores under load); subprocesses inherit it. A value the
+# caller set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
 import pickle
 import subprocess
 import sys
@@ -30,6 +38,21 @@ TINY = [
     "--trainer.limit_val_batches=1",
     "--trainer.val_check_interval=2",
 ]
+
+# digits.yaml's callbacks with a fraction of its samples, for runs whose point is not them (their
+# states, streams and collectives run as they do; nothing they draw touches training):
+# ``--trainer.callbacks={json.dumps(CHEAP_CALLBACKS)}`` replaces the config's list.
+CHEAP_CALLBACKS = [
+    {"class_path": "iddpm_lightning.callbacks.SampleGrid", "init_args": {"num_samples": 4, "sampler": {"steps": 5}}},
+    {"class_path": "iddpm_lightning.callbacks.BitsPerDim", "init_args": {"num_images": 16}},
+    {"class_path": "iddpm_lightning.callbacks.FID",
+     "init_args": {"features": "digits", "num_samples": 16, "sampler": {"name": "dpm_solver", "steps": 5}}},
+]
+
+
+def cheap_callbacks(*extra: str) -> str:
+    """The command-line argument that sets the callbacks to CHEAP_CALLBACKS and the classes ``extra``."""
+    return f"--trainer.callbacks={json.dumps(CHEAP_CALLBACKS + [{'class_path': c} for c in extra])}"
 
 
 def as_trained(model, seed: int = 0):
@@ -67,23 +90,41 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True,
 @pytest.fixture
 def run_main(capsys, monkeypatch):
     """``run_main(args, cwd)``: the CLI's ``main(args)`` in-process (the command's code path without
-    a new interpreter's start-up), for errors raised before anything is built. Returns the exit
-    status and stderr."""
+    a new interpreter's start-up). Returns the exit status and stderr; ``run_main(..., ok=True)`` runs
+    a command that succeeds (``main`` returns) and returns ``(0, stdout + stderr)``."""
     import logging
 
     from iddpm_lightning.cli import main
 
-    def run(args, cwd: Path) -> tuple[int, str]:
+    def run(args, cwd: Path, ok: bool = False) -> tuple[int, str]:
         monkeypatch.chdir(cwd)
         for handler in logging.getLogger("lightning").handlers + logging.getLogger("lightning.pytorch").handlers:
             if isinstance(handler, logging.StreamHandler):  # bound to an earlier test's captured stream
                 monkeypatch.setattr(handler, "stream", sys.stderr)
         capsys.readouterr()
+        if ok:
+            main(list(args))
+            out = capsys.readouterr()
+            return 0, out.out + out.err
         with pytest.raises(SystemExit) as exit_:
             main(list(args))
         return exit_.value.code, capsys.readouterr().err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The run directory of a tiny digits model trained 2 steps by the real ``fit`` command (a
+    subprocess: the CLI smoke test), once per session and shared by the CLI, predict, export and
+    error tests. Read it; a test that writes into a run copies it first (``shutil.copytree``). The
+    command's output is beside it: ``fit.stdout`` and ``fit.stderr``."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    proc = run_cli("fit", "--config", str(REPO / "configs" / "digits.yaml"), f"--run_dir={cwd / 'run'}", *TINY,
+                   "--trainer.max_steps=2", cwd=cwd)
+    (cwd / "fit.stdout").write_text(proc.stdout)
+    (cwd / "fit.stderr").write_text(proc.stderr)
+    return cwd / "run"
 
 
 @pytest.fixture
@@ -120,7 +161,7 @@ def inception_weights(tmp_path_factory) -> Path:
     import torch
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
-    from iddpm_lightning.callbacks.fid import INCEPTION_FILE
+    from iddpm_lightning.evaluation.features import INCEPTION_FILE
 
     mp = pytest.MonkeyPatch()
     mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)

@@ -357,19 +357,19 @@ def test_train_loader_state_resumes_exactly_in_any_epoch(num_workers, resumed_wo
 
 
 def _loader(images, num_workers):
-    from iddpm_lightning.data import _U8Images
+    from iddpm_lightning.data import U8Images
 
     dm = DigitsDataModule(batch_size=4, num_workers=num_workers)
-    dm.train_set = _U8Images(images, torch.zeros(len(images)))
+    dm.train_set = U8Images(images, torch.zeros(len(images)))
     return dm.train_dataloader()
 
 
 def test_train_order_is_sharded_over_ranks_without_overlap():
-    from iddpm_lightning.data import EpochShuffleSampler
+    from iddpm_lightning.data import EpochOrder
 
     data = torch.arange(23)
-    shards = [list(EpochShuffleSampler(data, seed=5, batch_size=2, num_replicas=3, rank=r)) for r in range(3)]
+    shards = [list(EpochOrder(data, seed=5, batch_size=2, num_replicas=3, rank=r)) for r in range(3)]
     assert [len(s) for s in shards] == [6, 6, 6]  # 23 // 3 = 7 each, whole batches of 2
     assert len(set().union(*map(set, shards))) == 18  # disjoint
-    one = list(EpochShuffleSampler(data, seed=5, batch_size=1))
+    one = list(EpochOrder(data, seed=5, batch_size=1))
     assert sorted(one) == list(range(23))

@@ -1,19 +1,19 @@
 """Bad input: one sentence naming the setting and the fix, a non-zero exit within seconds,
-and nothing already written (checkpoints, logs) touched. Each case runs the real CLI."""
+and nothing already written (checkpoints, logs) touched. Each case runs the CLI's ``main()``
+in-process (the command's code path; test_cli.py runs the real process once)."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import REPO, TINY, run_cli, write_tiny_cifar
-
-pytestmark = pytest.mark.slow
+from .conftest import REPO, write_tiny_cifar
 
 DIGITS = str(REPO / "configs" / "digits.yaml")
 CIFAR = str(REPO / "configs" / "cifar10_hybrid.yaml")
@@ -31,10 +31,10 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A finished tiny digits run, a corrupt and a malicious checkpoint, and bad data."""
+def workspace(tmp_path_factory, tiny_run):
+    """A finished tiny digits run (a copy of the session's), a corrupt and a malicious checkpoint, and bad data."""
     ws = tmp_path_factory.mktemp("errors")
-    run_cli("fit", "--config", DIGITS, f"--run_dir={ws / 'run'}", *TINY, "--trainer.max_steps=2", cwd=ws)
+    shutil.copytree(tiny_run, ws / "run")
     good = ws / "run" / "checkpoints" / "last.ckpt"
     (ws / "truncated.ckpt").write_bytes(good.read_bytes()[:5000])
     with open(ws / "evil.ckpt", "wb") as f:
@@ -83,10 +83,10 @@ CHECKPOINT_CASES = {
     "truncated checkpoint": (["test", "--config", DIGITS, "--ckpt_path={ws}/truncated.ckpt"], "truncated.ckpt"),
     "missing checkpoint": (["test", "--config", DIGITS, "--ckpt_path={ws}/nothing.ckpt"], "does not exist"),
     "respacing": (["predict", "--config", DIGITS, "--ckpt_path={ws}/run/checkpoints/last.ckpt",
-                   "--sampling.sample_steps=500"], "cannot keep 500"),
+                   "--sampling.sampler.steps=500"], "cannot keep 500"),
     "dpm_solver with a respacing": (["predict", "--config", DIGITS, "--ckpt_path={ws}/run/checkpoints/last.ckpt",
-                                     "--sampling.sampler=dpm_solver", "--sampling.sample_steps=ddim50"],
-                                    "sample_steps='ddim50' is not a number of steps for sampler dpm_solver"),
+                                     "--sampling.sampler.name=dpm_solver", "--sampling.sampler.steps=ddim50"],
+                                    "sampler.steps='ddim50' is not a number of steps for sampler dpm_solver"),
     "test without checkpoint": (["test", "--config", DIGITS], "--ckpt_path"),
     "malicious checkpoint": (["test", "--config", DIGITS, "--ckpt_path={ws}/evil.ckpt"], "evil.ckpt"),
 }
@@ -161,18 +161,18 @@ def test_a_bad_checkpoint_or_sampling_setting_is_one_line_and_touches_nothing(wo
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_clear_error_and_touches_nothing(workspace, case):
+def test_bad_input_is_one_clear_error_and_touches_nothing(workspace, case, run_main):
     args, needle = CASES[case]
     args = [a.replace("{ws}", str(workspace)) for a in args]
     if "--run_dir" not in " ".join(args):
         args.append(f"--run_dir={workspace / ('run' if args[0] != 'fit' else 'fresh')}")
     before = snapshot(workspace)
     start = time.monotonic()
-    proc = run_cli(*args, cwd=workspace, check=False)
-    assert proc.returncode != 0
+    code, err = run_main(args, cwd=workspace)
+    assert code != 0
     assert time.monotonic() - start < 60
-    assert needle in proc.stderr, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert needle in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
     assert untouched(before, snapshot(workspace))  # checkpoints, config and logs
     assert not list((workspace / "fresh").rglob("*.ckpt"))
     assert not (workspace / "pwned").exists()  # the payload never ran

@@ -1,4 +1,5 @@
-"""``python -m iddpm_lightning evaluate``: end to end through the CLI, the reference kinds, and refusals."""
+"""``python -m iddpm_lightning evaluate``: end to end through the CLI's ``main()`` (in-process), the
+reference kinds, and refusals."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from iddpm_lightning.data import DigitsDataModule
 from iddpm_lightning.evaluation.evaluate import evaluate
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 
 
 def write_npz(path: Path, images: np.ndarray) -> Path:
@@ -32,19 +33,18 @@ def blurred(images: np.ndarray) -> np.ndarray:
     return x.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-@pytest.mark.slow
-def test_evaluate_end_to_end_prints_the_table_writes_the_json_and_reuses_the_cached_reference(tmp_path):
+def test_evaluate_end_to_end_prints_the_table_writes_the_json_and_reuses_the_cached_reference(tmp_path, run_main):
     samples = write_npz(tmp_path / "samples_150x8x8x1.npz", blurred(digits_u8()))
     cache = tmp_path / "cache"
     args = ["evaluate", "--samples", str(samples), "--reference", str(REPO / "configs" / "digits.yaml"),
             "--cache_dir", str(cache)]
-    first = run_cli(*args, cwd=tmp_path)
+    _, first = run_main(args, cwd=tmp_path, ok=True)
     (ref_file,) = cache.glob("fid_ref_DigitsDataModule_train_*.pt")
     stamp = (ref_file.stat().st_mtime_ns, ref_file.stat().st_ino)
-    second = run_cli(*args, cwd=tmp_path)
+    _, second = run_main(args, cwd=tmp_path, ok=True)
     assert (ref_file.stat().st_mtime_ns, ref_file.stat().st_ino) == stamp  # read, not rewritten
-    assert f"statistics cached in {ref_file}" in first.stdout and f"statistics read from {ref_file}" in second.stdout
-    for out in (first.stdout, second.stdout):
+    assert f"statistics cached in {ref_file}" in first and f"statistics read from {ref_file}" in second
+    for out in (first, second):
         assert "150 images (8x8x1)" in out and "1497 images" in out and "NOT comparable with Inception FID" in out
         for name in ("fd_digits", "kid_digits", "precision", "recall", "confidence", "class_entropy"):
             assert f"\n{name} " in out, out
@@ -53,7 +53,7 @@ def test_evaluate_end_to_end_prints_the_table_writes_the_json_and_reuses_the_cac
     assert result["features"].startswith("digits-cnn-v1:64:") and result["reference"]["cache_hit"]
     m = result["metrics"]
     assert m["fd_digits"] > 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
-    assert f"{m['fd_digits']:12.5g}" in second.stdout
+    assert f"{m['fd_digits']:12.5g}" in second
 
 
 def test_references_as_images_as_a_png_folder_and_as_statistics_agree(tmp_path):

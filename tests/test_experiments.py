@@ -18,11 +18,20 @@ from iddpm_lightning.experiments.measure import Measurements, checkpoint_path, w
 
 
 def test_grad_norm_logs_the_global_two_norm_of_every_gradient():
-    a, b, frozen = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True), torch.zeros(4)
-    a.grad, b.grad = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([0.0, 4.0])
     logged = {}
-    module = SimpleNamespace(log=lambda name, value, **kw: logged.update({name: float(value)}))
-    optimizer = SimpleNamespace(param_groups=[{"params": [a, frozen]}, {"params": [b]}])
+
+    class Module(torch.nn.Module):  # what the callback reads: named_parameters() with .grad, and log()
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+            self.frozen = torch.nn.Parameter(torch.zeros(4), requires_grad=False)
+
+        def log(self, name, value, **kw):
+            logged[name] = float(value)
+
+    module = Module()
+    module.a.grad, module.b.grad = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([0.0, 4.0])
+    optimizer = SimpleNamespace(param_groups=[{"params": [module.a, module.frozen]}, {"params": [module.b]}])
     GradNorm().on_before_optimizer_step(None, module, optimizer)
     assert logged == {"train/grad_norm": pytest.approx(math.sqrt(1 + 4 + 4 + 16))}
 

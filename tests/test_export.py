@@ -12,14 +12,14 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from iddpm_lightning.checkpointing import read_checkpoint
 from iddpm_lightning.cli import main as cli_main
-from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
+from iddpm_lightning.diffusion import GaussianDiffusion, Sampler, get_named_beta_schedule
 from iddpm_lightning.diffusion.schedules import space_timesteps
 from iddpm_lightning.errors import ConfigError
 from iddpm_lightning.export import ddpm_scheduler_config, export_to_diffusers
 from iddpm_lightning.module import IDDPM
 from iddpm_lightning.unet import UNetConfig
 
-from .conftest import TINY_UNET, run_cli
+from .conftest import TINY_UNET
 
 T = 100
 TINY_MODEL = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=T)
@@ -89,7 +89,7 @@ def test_the_pipeline_samples_what_our_sampler_samples(exported):
     model, _, out = exported
     pipe = load_pipeline(out)
     for k in (5, T):
-        ours = model.sample(2, sample_steps=None if k == T else k, generator=torch.Generator().manual_seed(1))
+        ours = model.sample(Sampler(steps=None if k == T else k), 2, generator=torch.Generator().manual_seed(1))
         theirs = pipe(batch_size=2, num_inference_steps=k, output_type="pt",
                       generator=torch.Generator().manual_seed(1)).images  # (B, C, H, W) in [0, 1]
         assert pipe.scheduler.timesteps.tolist() == space_timesteps(T, k)[::-1]
@@ -259,23 +259,22 @@ def test_cli_main_reports_a_config_error_as_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ckpt_path") and "missing.ckpt" in err[0]
 
 
-@pytest.mark.slow
-def test_export_command(exported, tmp_path):
+def test_export_command(exported, tmp_path, run_main):
+    """``python -m iddpm_lightning export`` through the CLI's ``main()`` in-process."""
     model, ckpt, _ = exported
     out = tmp_path / "pipe"
-    proc = run_cli("export", "--ckpt_path", str(ckpt), "--out", str(out), cwd=tmp_path)
+    _, printed = run_main(["export", "--ckpt_path", str(ckpt), "--out", str(out)], cwd=tmp_path, ok=True)
     assert (out / "model_index.json").is_file()
-    assert str(out.resolve()) in proc.stdout and "DDPMPipeline.from_pretrained" in proc.stdout
+    assert str(out.resolve()) in printed and "DDPMPipeline.from_pretrained" in printed
     unet = load_pipeline(out).unet.state_dict()
     ema = model.ema_unet.state_dict()
     assert all(torch.equal(unet[k], ema[k]) for k in ema)
 
     conditional = save_checkpoint(tiny_model(class_cond=True, num_classes=3), tmp_path / "cond.ckpt")
     for bad_ckpt, needle in [(tmp_path / "missing.ckpt", "does not exist"), (conditional, "class_cond")]:
-        proc = run_cli("export", "--ckpt_path", str(bad_ckpt), "--out", str(tmp_path / "bad"), cwd=tmp_path,
-                       check=False)
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr
+        code, err = run_main(["export", "--ckpt_path", str(bad_ckpt), "--out", str(tmp_path / "bad")], cwd=tmp_path)
+        assert code == 2, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0], err[-3000:]
+        assert "Traceback" not in err
         assert not (tmp_path / "bad").exists()

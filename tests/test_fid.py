@@ -1,8 +1,9 @@
 """The FID callback: numbers through the real callback with a small deterministic feature
 extractor (no Inception file needed), the reference-statistics cache, the Inception weights
-check, a tiny IDDPM in a real Trainer, and a 2-process DDP run.
+check, a tiny IDDPM in a real Trainer, and 2-process DDP runs.
 
-Also a script: ``python tests/test_fid.py OUT_DIR`` is the DDP run the last test launches.
+Also a script: ``python tests/test_fid.py OUT_DIR [MODE]`` is the DDP run of the last tests (``all``:
+each mode in turn, in one launch, into OUT_DIR/MODE).
 """
 
 from __future__ import annotations
@@ -20,14 +21,21 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from iddpm_lightning.callbacks.fid import FID, INCEPTION_FILE, INCEPTION_URL, to_uint8_rgb
-from iddpm_lightning.data import DigitsDataModule, to_model_range
+from iddpm_lightning.callbacks import FID
+from iddpm_lightning.data import DigitsDataModule, to_model_range, to_uint8
+from iddpm_lightning.diffusion import Sampler
 from iddpm_lightning.errors import ConfigError
+from iddpm_lightning.evaluation.features import INCEPTION_FILE, INCEPTION_URL, to_rgb
 from iddpm_lightning.module import IDDPM
 from iddpm_lightning.rng import seeded_generator
 from tests.conftest import REPO, TINY_UNET, as_trained  # absolute: this file also runs as the DDP script
 
 THIS = Path(__file__).resolve()
+
+
+def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
+    """What the callback feeds its feature extractor: samples in [-1, 1] as 3-channel uint8 images."""
+    return to_rgb(to_uint8(x))
 
 
 class TinyExtractor(torch.nn.Module):
@@ -56,8 +64,8 @@ class StubModel(LightningModule):
     def class_labels(self, indices):
         return None  # unconditional
 
-    def sample(self, num_samples, sample_steps=None, sampler="ddpm", eta=0.0, generator=None, **kw):
-        self.calls.append((num_samples, sample_steps, sampler, eta))
+    def sample(self, sampler=Sampler(), num_samples=None, labels=None, generator=None, **kw):
+        self.calls.append((num_samples, sampler.steps, sampler.name, sampler.eta))
         if self.replay is not None:
             u8 = self.replay[self.cursor : self.cursor + num_samples]
             self.cursor += num_samples
@@ -130,7 +138,7 @@ def test_fid_of_the_reference_set_against_itself_is_zero_and_against_noise_large
 
 def test_callback_agrees_with_torchmetrics_fed_directly(tmp_path):
     dm = digits()
-    fid = FID(num_samples=300, batch_size=64, sample_steps=7, sampler="ddim", eta=0.5, seed=3,
+    fid = FID(num_samples=300, batch_size=64, sampler=Sampler("ddim", 7, eta=0.5), seed=3,
               feature_extractor=TinyExtractor(24, seed=1))
     model = StubModel()
     value = validate(model, dm, fid, tmp_path)
@@ -256,16 +264,16 @@ def test_missing_inception_weights_fail_at_construction_naming_the_file(tmp_path
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(num_samples=1), "num_samples"),
-    (dict(every_n_val_epochs=0), "every_n_val_epochs"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(reference_split="test"), "reference_split"),
-    (dict(sampler="euler"), "sampler"),
-    (dict(feature_extractor=torch.nn.Flatten()), "num_features"),
-])
+    (lambda: dict(num_samples=1), "num_samples"),
+    (lambda: dict(every_n_val_epochs=0), "every_n_val_epochs"),
+    (lambda: dict(batch_size=0), "batch_size"),
+    (lambda: dict(reference_split="test"), "reference_split"),
+    (lambda: dict(sampler=Sampler(name="euler")), "sampler"),
+    (lambda: dict(feature_extractor=torch.nn.Flatten()), "num_features"),
+], ids=["num_samples", "every_n_val_epochs", "batch_size", "reference_split", "sampler", "feature_extractor"])
 def test_bad_settings_are_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
-        FID(**{"feature_extractor": TinyExtractor(), **kw})
+        FID(**{"feature_extractor": TinyExtractor(), **kw()})
 
 
 def test_local_inception_weights_load_with_no_network(tmp_path, monkeypatch):
@@ -301,8 +309,9 @@ def test_fid_during_training_every_second_validation_with_a_tiny_iddpm(tmp_path)
     torch.manual_seed(0)
     model = IDDPM(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20)
     calls, sample = [], model.sample
-    model.sample = lambda n, *a, **k: calls.append(n) or sample(n, *a, **k)
-    fid = FID(num_samples=16, batch_size=10, sample_steps=5, every_n_val_epochs=2, feature_extractor=TinyExtractor(8))
+    model.sample = lambda sampler, n, *a, **k: calls.append(n) or sample(sampler, n, *a, **k)
+    fid = FID(num_samples=16, batch_size=10, sampler=Sampler(steps=5), every_n_val_epochs=2,
+              feature_extractor=TinyExtractor(8))
     trainer = Trainer(accelerator="cpu", max_epochs=4, limit_train_batches=1, limit_val_batches=1,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, callbacks=[fid])
@@ -341,8 +350,8 @@ def test_reference_is_computed_and_cached_in_setup_before_the_first_training_ste
     """The first FID validation would be far away: the reference is there when training starts."""
     model = tiny_iddpm()
     calls, sample = [], model.sample
-    model.sample = lambda n, *a, **k: calls.append(n) or sample(n, *a, **k)
-    fid = FID(num_samples=16, batch_size=100, sample_steps=5, every_n_val_epochs=1000,
+    model.sample = lambda sampler, n, *a, **k: calls.append(n) or sample(sampler, n, *a, **k)
+    fid = FID(num_samples=16, batch_size=100, sampler=Sampler(steps=5), every_n_val_epochs=1000,
               feature_extractor=TinyExtractor())
     probe = Probe(fid, tmp_path / "fid_stats")
     dm = DigitsDataModule(batch_size=16)
@@ -393,7 +402,7 @@ def test_bad_reference_split_fails_in_setup_before_training(tmp_path, case, fid_
     model = tiny_iddpm()
     before = [p.clone() for p in model.unet.parameters()]
     split = fid_kw.get("reference_split", "train")
-    fid = FID(num_samples=16, sample_steps=5, feature_extractor=TinyExtractor(), **fid_kw)
+    fid = FID(num_samples=16, sampler=Sampler(steps=5), feature_extractor=TinyExtractor(), **fid_kw)
     probe = Probe(fid, tmp_path / "fid_stats")
     with pytest.raises(ConfigError) as err:
         fit_trainer(tmp_path, fid, probe).fit(model, datamodule=DigitsWith(split, make, batch_size=16))
@@ -408,7 +417,8 @@ def test_bad_reference_split_fails_in_setup_before_training(tmp_path, case, fid_
 def test_unwritable_cache_dir_fails_in_setup_and_the_default_folder_only_warns(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    fid = FID(num_samples=16, sample_steps=5, feature_extractor=TinyExtractor(), cache_dir=str(blocker / "stats"))
+    fid = FID(num_samples=16, sampler=Sampler(steps=5), feature_extractor=TinyExtractor(),
+              cache_dir=str(blocker / "stats"))
     with pytest.raises(ConfigError, match=r"FID cache_dir=.*a_file/stats.*is not a writable folder") as err:
         fit_trainer(tmp_path, fid).fit(tiny_iddpm(), datamodule=DigitsDataModule(batch_size=16))
     assert "\n" not in str(err.value)
@@ -423,7 +433,7 @@ def test_unwritable_cache_dir_fails_in_setup_and_the_default_folder_only_warns(t
 def test_no_data_module_fails_in_setup(tmp_path):
     loader = torch.utils.data.DataLoader(digits().train_set, batch_size=16)
     with pytest.raises(ConfigError, match="FID reference_split='train' needs a data module.*no data module"):
-        fid = FID(sample_steps=5, feature_extractor=TinyExtractor())
+        fid = FID(sampler=Sampler(steps=5), feature_extractor=TinyExtractor())
         fit_trainer(tmp_path, fid).fit(tiny_iddpm(), train_dataloaders=loader)
 
 
@@ -436,19 +446,35 @@ def run_ddp_script(out_dir: Path, mode: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+DDP_MODES = ("labels", "ok", "broken")  # "broken" fails every rank: last
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """The three DDP runs in one launch of the two processes (``all``); each mode writes into its folder
+    and, when it ends without an error on that rank, ``done{rank}``."""
+    out_dir = tmp_path_factory.mktemp("fid_ddp")
+    return out_dir, run_ddp_script(out_dir, "all")
+
+
+def ended_cleanly(folder: Path) -> bool:
+    return all((folder / f"done{r}").exists() for r in (0, 1))
+
+
 @pytest.mark.slow
-def test_ddp_shares_the_reference_pass_and_sums_rank_zero_reference_and_all_ranks_samples(tmp_path):
-    proc = run_ddp_script(tmp_path, "ok")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+def test_ddp_shares_the_reference_pass_and_sums_rank_zero_reference_and_all_ranks_samples(ddp_run, tmp_path):
+    root, proc = ddp_run
+    out = root / "ok"
+    assert ended_cleanly(out), proc.stderr[-4000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     first, cached = r0["first"], r0["cached"]
     assert first["fid"] == r1["first"]["fid"]
     assert first["calls"] == [64, 64, 23] and r1["first"]["calls"] == [64, 64, 22]  # 301 samples in all
     # The reference pass was shared in setup: rank r read the images r, r + 2, ... and nothing else.
     assert first["reads"] == 749 and r1["first"]["reads"] == 748
     assert first["real"]["num"] == 1497 and r1["first"]["real"] is None  # the reference lives on rank 0 only
-    files = list((tmp_path / "run" / "fid_stats").glob("*.pt"))
-    assert len(files) == 1 and not list((tmp_path / "run" / "fid_stats").glob("*.tmp*"))
+    files = list((out / "run" / "fid_stats").glob("*.pt"))
+    assert len(files) == 1 and not list((out / "run" / "fid_stats").glob("*.tmp*"))
 
     # ... and it equals the single-process reference (to float64 rounding), as does the cache.
     one = FID(num_samples=301, batch_size=64, feature_extractor=TinyExtractor())
@@ -477,12 +503,13 @@ def test_ddp_shares_the_reference_pass_and_sums_rank_zero_reference_and_all_rank
 
 
 @pytest.mark.slow
-def test_ddp_class_conditional_samples_are_balanced_over_every_class_by_their_global_index(tmp_path):
+def test_ddp_class_conditional_samples_are_balanced_over_every_class_by_their_global_index(ddp_run):
     """12 samples of a 10-class model on 2 ranks in batches of 3: sample i has class i % 10, so the
     scored set holds every class (0 and 1 twice), however the ranks and batches cut it."""
-    proc = run_ddp_script(tmp_path, "labels")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    per_rank = {r: torch.load(tmp_path / f"labels{r}.pt", weights_only=True) for r in (0, 1)}
+    root, proc = ddp_run
+    out = root / "labels"
+    assert ended_cleanly(out), proc.stderr[-4000:]
+    per_rank = {r: torch.load(out / f"labels{r}.pt", weights_only=True) for r in (0, 1)}
     for r, batches in per_rank.items():  # rank r draws the samples r, r + 2, ..., in batches of 3
         assert [b.tolist() for b in batches] == [[(r + 2 * j) % 10 for j in range(k, k + 3)] for k in (0, 3)]
     labels = torch.cat([torch.cat(b) for b in per_rank.values()])
@@ -490,16 +517,17 @@ def test_ddp_class_conditional_samples_are_balanced_over_every_class_by_their_gl
 
 
 @pytest.mark.slow
-def test_ddp_a_rank_that_cannot_read_its_shard_fails_every_rank_in_setup(tmp_path):
+def test_ddp_a_rank_that_cannot_read_its_shard_fails_every_rank_in_setup(ddp_run):
     """Only rank 1's images (the odd indices) are unreadable: both ranks stop with rank 1's sentence
     in setup, and neither is left waiting in a collective."""
-    proc = run_ddp_script(tmp_path, "broken")
-    assert proc.returncode != 0
-    errors = {r: (tmp_path / f"error{r}.txt").read_text() for r in (0, 1) if (tmp_path / f"error{r}.txt").exists()}
+    root, proc = ddp_run
+    out = root / "broken"
+    assert proc.returncode != 0 and not any((out / f"done{r}").exists() for r in (0, 1))
+    errors = {r: (out / f"error{r}.txt").read_text() for r in (0, 1) if (out / f"error{r}.txt").exists()}
     assert 1 in errors, proc.stderr[-4000:]
     for msg in errors.values():
         assert "reference_split='train' cannot be read" in msg and "image 1: truncated file" in msg
-    assert not list(tmp_path.rglob("fid_ref_*.pt"))
+    assert not list(out.rglob("fid_ref_*.pt"))
 
 
 class CountingDigits(DigitsDataModule):
@@ -525,17 +553,29 @@ class SamplingOnly(IDDPM):
 
 
 def _ddp_main(out_dir: Path, mode: str) -> None:
+    if mode == "all":
+        for each in DDP_MODES:
+            (out_dir / each).mkdir(exist_ok=True)
+            rank = _ddp_mode(out_dir / each, each)
+            (out_dir / each / f"done{rank}").touch()
+        return
+    _ddp_mode(out_dir, mode)
+
+
+def _ddp_mode(out_dir: Path, mode: str) -> int:
+    """Run ``mode`` on this rank; returns the rank."""
     if mode == "labels":  # a class-conditional IDDPM: which classes the scored samples were drawn with
         model = as_trained(SamplingOnly(unet=TINY_UNET, image_size=8, in_channels=1, num_classes=10, class_cond=True,
                                         timesteps=20))
         seen = []
         model.ema_unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["class_labels"].cpu()),
                                                  with_kwargs=True)
-        fid = FID(num_samples=12, batch_size=3, sample_steps=1, feature_extractor=TinyExtractor())  # 1 UNet call a batch
+        fid = FID(num_samples=12, batch_size=3, sampler=Sampler(steps=1),  # 1 UNet call a batch
+                  feature_extractor=TinyExtractor())
         trainer = _ddp_trainer(out_dir, fid)
         trainer.validate(model, datamodule=DigitsDataModule(batch_size=16))
         torch.save(seen, out_dir / f"labels{trainer.global_rank}.pt")
-        return
+        return trainer.global_rank
     if mode == "broken":
         fid = FID(num_samples=301, batch_size=64, feature_extractor=TinyExtractor())
         trainer = _ddp_trainer(out_dir, fid)
@@ -545,7 +585,7 @@ def _ddp_main(out_dir: Path, mode: str) -> None:
         except ConfigError as err:
             (out_dir / f"error{trainer.global_rank}.txt").write_text(str(err))
             raise
-        return
+        return trainer.global_rank
     results = {}
     for run in ("first", "cached"):
         model, dm = StubModel(), CountingDigits(batch_size=16)
@@ -557,6 +597,7 @@ def _ddp_main(out_dir: Path, mode: str) -> None:
                         "real": None if fid.reference is None else
                         {k: getattr(fid.reference, k) for k in ("mu", "sigma", "features", "num")}}
     torch.save(results, out_dir / f"rank{trainer.global_rank}.pt")
+    return trainer.global_rank
 
 
 if __name__ == "__main__":

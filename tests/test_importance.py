@@ -1,4 +1,4 @@
-"""Importance sampling of t (the paper's §3.3, eq. 18): the loss-history resampler and the
+"""Importance sampling of t (the paper's §3.3, eq. 18): the loss-second-moment distribution and the
 Lightning callback that wraps it. Every number is checked against a direct computation
 written here (numpy, or the paper's per-element loop). CPU, a few seconds."""
 
@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from iddpm_lightning.callbacks import ImportanceSampler
-from iddpm_lightning.diffusion.resample import LossSecondMomentResampler, UniformSampler
+from iddpm_lightning.callbacks import ImportanceSampling
+from iddpm_lightning.diffusion import LossSecondMoment, TimestepDistribution, UniformTimesteps
 from iddpm_lightning.errors import ConfigError
 from iddpm_lightning.module import IDDPM
 
@@ -24,6 +24,7 @@ TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20, loss_type
 
 
 # ------------------------------------------------------------------ references
+
 
 
 def reference_update(history: np.ndarray, counts: np.ndarray, timesteps, losses) -> None:
@@ -50,11 +51,11 @@ def reference_probs(history: np.ndarray, counts: np.ndarray, uniform_prob: float
     return p * (1 - uniform_prob) + uniform_prob / T
 
 
-def warmed_resampler(rms: np.ndarray, H: int = 4, uniform_prob: float = 0.0, seed: int = 0):
-    """A resampler whose every history is full, with losses of magnitude ~ ``rms`` per t."""
+def warmed_distribution(rms: np.ndarray, H: int = 4, uniform_prob: float = 0.0, seed: int = 0):
+    """A distribution whose every history is full, with losses of magnitude ~ ``rms`` per t."""
     T = len(rms)
     rng = np.random.default_rng(seed)
-    r = LossSecondMomentResampler(T, H, uniform_prob)
+    r = LossSecondMoment(T, H, uniform_prob)
     hist, counts = np.zeros((T, H)), np.zeros(T, dtype=np.int64)
     t = np.repeat(np.arange(T), H)
     rng.shuffle(t)
@@ -65,12 +66,12 @@ def warmed_resampler(rms: np.ndarray, H: int = 4, uniform_prob: float = 0.0, see
     return r, hist, counts
 
 
-# ------------------------------------------------------------ the resampler
+# ------------------------------------------------- the loss-second-moment distribution
 
 
 def test_known_sequence_history_probs_and_weights():
     T, H = 3, 2
-    r = LossSecondMomentResampler(T, H, uniform_prob=0.1)
+    r = LossSecondMoment(T, H, uniform_prob=0.1)
     r.update(torch.tensor([0, 1, 0, 2, 0]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
     # t=0 got 1, 3, 5: the newest two, in order; t=1 and t=2 have one loss each.
     assert r.loss_history.tolist() == [[3.0, 5.0], [2.0, 0.0], [4.0, 0.0]]
@@ -92,7 +93,7 @@ def test_known_sequence_history_probs_and_weights():
     np.testing.assert_allclose(r.probs().numpy(), p, rtol=1e-12)
     assert math.isclose(r.probs().sum().item(), 1.0, rel_tol=1e-12)
 
-    t, w = r.sample(1000, "cpu", torch.Generator().manual_seed(0))
+    t, w = r.draw(1000, "cpu", torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and w.dtype == torch.float32 and t.shape == w.shape == (1000,)
     expected_w = 1.0 / (T * p[t.numpy()])
     np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-6)
@@ -101,7 +102,7 @@ def test_known_sequence_history_probs_and_weights():
 
 def test_probs_uniform_until_every_timestep_is_full():
     T, H = 5, 3
-    r = LossSecondMomentResampler(T, H, uniform_prob=0.0)
+    r = LossSecondMoment(T, H, uniform_prob=0.0)
     # Every t but the last full, with very different magnitudes; the last has H - 1 losses.
     t = torch.tensor([0, 1, 2, 3] * H + [4] * (H - 1))
     losses = torch.tensor([1e-3, 1.0, 10.0, 1e3] * H + [5.0] * (H - 1))
@@ -110,7 +111,7 @@ def test_probs_uniform_until_every_timestep_is_full():
     assert not bool(r.warmed_up())
     uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
     assert torch.equal(r.probs(), uniform)  # exactly 1/T, not approximately
-    _, w = r.sample(64, "cpu", torch.Generator().manual_seed(1))
+    _, w = r.draw(64, "cpu", torch.Generator().manual_seed(1))
     assert torch.equal(w, torch.ones(64))
 
     r.update(torch.tensor([4]), torch.tensor([5.0]))  # the last slot: now warmed up
@@ -125,7 +126,7 @@ def test_probs_uniform_until_every_timestep_is_full():
 def test_uniform_prob_mixing(u):
     rms = np.array([1e-3, 1e-2, 1.0, 100.0])
     T = len(rms)
-    r, hist, counts = warmed_resampler(rms, H=3, uniform_prob=u)
+    r, hist, counts = warmed_distribution(rms, H=3, uniform_prob=u)
     np.testing.assert_array_equal(r.loss_history.numpy(), hist)
     p = r.probs().numpy()
     q = np.sqrt((hist**2).mean(axis=1))
@@ -138,7 +139,7 @@ def test_uniform_prob_mixing(u):
         assert np.all(p >= 0.5 / T)
     if u == 1.0:
         np.testing.assert_allclose(p, np.full(T, 1.0 / T), rtol=0, atol=1e-15)
-    t, w = r.sample(500, "cpu", torch.Generator().manual_seed(2))
+    t, w = r.draw(500, "cpu", torch.Generator().manual_seed(2))
     np.testing.assert_allclose(w.numpy(), 1.0 / (T * p[t.numpy()]), rtol=1e-6)
 
 
@@ -147,7 +148,7 @@ def test_update_matches_the_papers_loop_on_random_sequences():
     shapes = [(1, 1), (1, 3), (4, 1), (5, 2), (7, 10), (20, 10), (3, 4)]
     for case in range(120):
         T, H = shapes[case % len(shapes)]
-        r = LossSecondMomentResampler(T, H)
+        r = LossSecondMoment(T, H)
         hist, counts = np.zeros((T, H)), np.zeros(T, dtype=np.int64)
         for _ in range(rng.integers(1, 12)):
             n = int(rng.choice([0, 1, 2, rng.integers(0, 3 * T * H + 2)]))  # empty batches too
@@ -164,7 +165,7 @@ def test_update_matches_the_papers_loop_on_random_sequences():
 
 
 def test_update_keeps_newest_in_arrival_order_with_many_repeats():
-    r = LossSecondMomentResampler(2, 3)
+    r = LossSecondMoment(2, 3)
     r.update(torch.tensor([1, 1]), torch.tensor([10.0, 11.0]))
     r.update(torch.tensor([1, 0, 1, 1, 1, 1]), torch.tensor([12.0, 0.5, 13.0, 14.0, 15.0, 16.0]))
     assert r.loss_history.tolist() == [[0.5, 0.0, 0.0], [14.0, 15.0, 16.0]]
@@ -177,13 +178,13 @@ def test_update_keeps_newest_in_arrival_order_with_many_repeats():
 def test_weights_make_the_estimate_unbiased_and_frequencies_follow_p():
     T = 10
     rms = 10.0 ** np.linspace(-3, 1, T)  # four orders of magnitude across t
-    r, hist, counts = warmed_resampler(rms, H=5, uniform_prob=0.01, seed=3)
+    r, hist, counts = warmed_distribution(rms, H=5, uniform_prob=0.01, seed=3)
     p = reference_probs(hist, counts, 0.01)
     np.testing.assert_allclose(r.probs().numpy(), p, rtol=1e-12)
     assert p.max() / p.min() > 50
 
     N = 200_000
-    t, w = r.sample(N, "cpu", torch.Generator().manual_seed(7))
+    t, w = r.draw(N, "cpu", torch.Generator().manual_seed(7))
     t, w = t.numpy(), w.numpy().astype(np.float64)
     for f in (rms * np.linspace(1, 2, T),  # roughly proportional to p: low variance
               np.linspace(-1.0, 3.0, T),  # unrelated to p: high variance
@@ -201,12 +202,12 @@ def test_weights_make_the_estimate_unbiased_and_frequencies_follow_p():
     assert np.all(np.abs(observed - expected) < 5 * np.sqrt(expected * (1 - p)) + 1)
 
 
-def test_sampling_is_reproducible_from_the_generator():
-    r, _, _ = warmed_resampler(10.0 ** np.linspace(-2, 1, 50), H=2, uniform_prob=0.001)
-    for sampler in (r, UniformSampler(50)):
-        t1, w1 = sampler.sample(256, "cpu", torch.Generator().manual_seed(11))
-        t2, w2 = sampler.sample(256, "cpu", torch.Generator().manual_seed(11))
-        t3, _ = sampler.sample(256, "cpu", torch.Generator().manual_seed(12))
+def test_draws_are_reproducible_from_the_generator():
+    r, _, _ = warmed_distribution(10.0 ** np.linspace(-2, 1, 50), H=2, uniform_prob=0.001)
+    for distribution in (r, UniformTimesteps(50)):
+        t1, w1 = distribution.draw(256, "cpu", torch.Generator().manual_seed(11))
+        t2, w2 = distribution.draw(256, "cpu", torch.Generator().manual_seed(11))
+        t3, _ = distribution.draw(256, "cpu", torch.Generator().manual_seed(12))
         assert torch.equal(t1, t2) and torch.equal(w1, w2)
         assert not torch.equal(t1, t3)
 
@@ -221,12 +222,12 @@ class Recorder(Callback):
         self.timesteps: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
         self.probs_before: list[torch.Tensor] = []
-        self.module_probs: list[torch.Tensor] = []  # the distribution the module's sampler held
+        self.module_probs: list[torch.Tensor] = []  # the distribution the module's distribution held
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        imp = next(cb for cb in trainer.callbacks if isinstance(cb, ImportanceSampler))
-        self.probs_before.append(imp.resampler.probs().clone())
-        self.module_probs.append(pl_module.timestep_sampler.probs.clone())
+        imp = next(cb for cb in trainer.callbacks if isinstance(cb, ImportanceSampling))
+        self.probs_before.append(imp.history.probs().clone())
+        self.module_probs.append(pl_module.timestep_distribution.probs.clone())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.timesteps.append(outputs["timesteps"].detach().clone())
@@ -238,7 +239,7 @@ def images(n: int) -> TensorDataset:
     return TensorDataset(x, torch.zeros(n, dtype=torch.long))
 
 
-def fit(callback: ImportanceSampler, n: int = 48, batch_size: int = 8, max_steps: int = 6, **trainer_kw):
+def fit(callback: ImportanceSampling, n: int = 48, batch_size: int = 8, max_steps: int = 6, **trainer_kw):
     torch.manual_seed(0)
     model = IDDPM(**TINY)
     recorder = Recorder()
@@ -246,14 +247,7 @@ def fit(callback: ImportanceSampler, n: int = 48, batch_size: int = 8, max_steps
                       enable_model_summary=False, limit_val_batches=0, callbacks=[recorder, callback],
                       **trainer_kw)
     loader = DataLoader(images(n), batch_size=batch_size, drop_last=False, num_workers=0)
-    # One intra-op thread: the tiny UNet gains nothing from more, and on a busy CPU the
-    # threads' barriers can make a step 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer.fit(model, loader)
-    finally:
-        torch.set_num_threads(threads)
+    trainer.fit(model, loader)  # with one intra-op thread (the module's fixture)
     return model, trainer, recorder
 
 
@@ -272,20 +266,20 @@ def metric(trainer: Trainer, name: str) -> float:
 
 
 def test_callback_history_follows_the_training_steps():
-    cb = ImportanceSampler(history_per_term=10, uniform_prob=0.001)
+    cb = ImportanceSampling(history_per_term=10, uniform_prob=0.001)
     model, trainer, rec = fit(cb)
     T, H = 20, 10
     assert trainer.global_step == 6 and len(rec.timesteps) == 6
-    # before every step the module's sampler held the callback's current p_t
+    # before every step the module's distribution held the callback's current p_t
     assert len(rec.module_probs) == 6 and all(torch.equal(m, c) for m, c in zip(rec.module_probs, rec.probs_before))
     assert all(len(t) == 8 for t in rec.timesteps)
     assert all(torch.isfinite(l).all() and (l >= 0).all() for l in rec.losses)
 
     hist, counts = rebuild(rec, T, H)
-    np.testing.assert_array_equal(cb.resampler.loss_history.numpy(), hist)
-    np.testing.assert_array_equal(cb.resampler.loss_counts.numpy(), counts)
+    np.testing.assert_array_equal(cb.history.loss_history.numpy(), hist)
+    np.testing.assert_array_equal(cb.history.loss_counts.numpy(), counts)
     assert counts.sum() == 48  # 48 draws over 20 timesteps: no t reached H = 10, nothing fell out
-    assert not bool(cb.resampler.warmed_up())
+    assert not bool(cb.history.warmed_up())
 
     # Logged after the last update: computed from the final history.
     assert metric(trainer, "importance/warmed_up_fraction") == pytest.approx((counts == H).mean())
@@ -303,7 +297,7 @@ def test_the_module_draws_t_from_the_callbacks_distribution():
     history = np.zeros((T, H))
     history[3], history[7] = [1.0, 2.0], [0.5, 0.25]
     counts = np.full(T, H, dtype=np.int64)
-    cb = ImportanceSampler(history_per_term=H, uniform_prob=u)
+    cb = ImportanceSampling(history_per_term=H, uniform_prob=u)
     cb.load_state_dict({"num_timesteps": T, "history_per_term": H,
                         "loss_history": torch.from_numpy(history), "loss_counts": torch.from_numpy(counts)})
     model, trainer, rec = fit(cb, max_steps=4)
@@ -312,22 +306,22 @@ def test_the_module_draws_t_from_the_callbacks_distribution():
     np.testing.assert_allclose(rec.probs_before[0].numpy(), reference_probs(history, counts, u), rtol=1e-12)
 
     hist, cnt = rebuild(rec, T, H, history, counts)
-    np.testing.assert_array_equal(cb.resampler.loss_history.numpy(), hist)
-    np.testing.assert_array_equal(cb.resampler.loss_counts.numpy(), cnt)
+    np.testing.assert_array_equal(cb.history.loss_history.numpy(), hist)
+    np.testing.assert_array_equal(cb.history.loss_counts.numpy(), cnt)
     p = reference_probs(hist, cnt, u)
-    np.testing.assert_allclose(cb.resampler.probs().numpy(), p, rtol=1e-12)
+    np.testing.assert_allclose(cb.history.probs().numpy(), p, rtol=1e-12)
     assert metric(trainer, "importance/warmed_up_fraction") == 1.0
     assert metric(trainer, "importance/effective_timesteps") == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-4)
     assert metric(trainer, "importance/max_weight") == pytest.approx(1.0 / (T * p.min()), rel=1e-4)
 
 
 def test_shorter_last_batch():
-    cb = ImportanceSampler(history_per_term=10)
+    cb = ImportanceSampling(history_per_term=10)
     model, trainer, rec = fit(cb, n=20, batch_size=8, max_steps=-1, max_epochs=1)
     assert [len(t) for t in rec.timesteps] == [8, 8, 4]
     hist, counts = rebuild(rec, 20, 10)
-    np.testing.assert_array_equal(cb.resampler.loss_history.numpy(), hist)
-    np.testing.assert_array_equal(cb.resampler.loss_counts.numpy(), counts)
+    np.testing.assert_array_equal(cb.history.loss_history.numpy(), hist)
+    np.testing.assert_array_equal(cb.history.loss_counts.numpy(), counts)
     assert counts.sum() == 20  # the 4 padded rows (t = -1) were not added
 
 
@@ -338,21 +332,21 @@ def bare_trainer() -> Trainer:
     return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
-def setup_callback(cb: ImportanceSampler, T: int = 20) -> IDDPM:
+def setup_callback(cb: ImportanceSampling, T: int = 20) -> IDDPM:
     model = IDDPM(**{**TINY, "timesteps": T})
     cb.setup(bare_trainer(), model, "fit")
-    assert torch.equal(model.timestep_sampler.probs, cb.resampler.probs())
+    assert torch.equal(model.timestep_distribution.probs, cb.history.probs())
     return model
 
 
 def test_state_dict_round_trip():
-    cb = ImportanceSampler(history_per_term=4)
+    cb = ImportanceSampling(history_per_term=4)
     assert cb.state_dict() == {}  # nothing to save before setup
     setup_callback(cb)
     rng = np.random.default_rng(0)
     t = rng.integers(0, 20, size=70)
-    cb.resampler.update(torch.from_numpy(t), torch.from_numpy(rng.exponential(size=70)))
-    assert 0 < (cb.resampler.loss_counts == 4).sum() < 20  # a mixture of full and partial histories
+    cb.history.update(torch.from_numpy(t), torch.from_numpy(rng.exponential(size=70)))
+    assert 0 < (cb.history.loss_counts == 4).sum() < 20  # a mixture of full and partial histories
 
     state = cb.state_dict()
     assert all(isinstance(v, (int, torch.Tensor)) for v in state.values()), state
@@ -361,55 +355,53 @@ def test_state_dict_round_trip():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
 
-    fresh = ImportanceSampler(history_per_term=4)
-    fresh.load_state_dict(loaded)  # before setup: kept until setup builds the resampler
-    assert fresh.resampler is None
+    fresh = ImportanceSampling(history_per_term=4)
+    fresh.load_state_dict(loaded)  # before setup: kept until setup builds the history
+    assert fresh.history is None
     setup_callback(fresh)
-    assert torch.equal(fresh.resampler.loss_history, cb.resampler.loss_history)
-    assert torch.equal(fresh.resampler.loss_counts, cb.resampler.loss_counts)
-    assert fresh.resampler.loss_history.dtype == torch.float64 and fresh.resampler.loss_counts.dtype == torch.long
-    assert torch.equal(fresh.resampler.probs(), cb.resampler.probs())
+    assert torch.equal(fresh.history.loss_history, cb.history.loss_history)
+    assert torch.equal(fresh.history.loss_counts, cb.history.loss_counts)
+    assert fresh.history.loss_history.dtype == torch.float64 and fresh.history.loss_counts.dtype == torch.long
+    assert torch.equal(fresh.history.probs(), cb.history.probs())
 
-    after = ImportanceSampler(history_per_term=4)  # loaded after setup: restored at once
+    after = ImportanceSampling(history_per_term=4)  # loaded after setup: restored at once
     setup_callback(after)
     after.load_state_dict(loaded)
-    assert torch.equal(after.resampler.loss_history, cb.resampler.loss_history)
-    assert torch.equal(after.resampler.loss_counts, cb.resampler.loss_counts)
+    assert torch.equal(after.history.loss_history, cb.history.loss_history)
+    assert torch.equal(after.history.loss_counts, cb.history.loss_counts)
 
 
 def test_state_with_another_shape_is_a_config_error():
-    other = LossSecondMomentResampler(7, 4)
+    other = LossSecondMoment(7, 4)
     state = {"num_timesteps": 7, "history_per_term": 4,
              "loss_history": other.loss_history, "loss_counts": other.loss_counts}
 
-    cb = ImportanceSampler(history_per_term=4)
+    cb = ImportanceSampling(history_per_term=4)
     cb.load_state_dict(state)
     with pytest.raises(ConfigError, match=r"T = 7.*T = 20"):
         setup_callback(cb, T=20)
 
-    cb = ImportanceSampler(history_per_term=4)
+    cb = ImportanceSampling(history_per_term=4)
     setup_callback(cb, T=20)
     with pytest.raises(ConfigError, match=r"T = 7.*T = 20"):
         cb.load_state_dict(state)
 
-    cb = ImportanceSampler(history_per_term=3)  # same T, another history length
+    cb = ImportanceSampling(history_per_term=3)  # same T, another history length
     setup_callback(cb, T=7)
     with pytest.raises(ConfigError, match=r"4 losses per timestep.*and 3"):
         cb.load_state_dict(state)
 
 
-def test_the_modules_sampler_is_uniform_until_given_p_and_then_the_resamplers_draw():
-    from iddpm_lightning.diffusion.resample import TimestepSampler
-
-    sampler, uniform = TimestepSampler(50), UniformSampler(50)
+def test_the_modules_distribution_is_uniform_until_given_p_and_then_draws_as_the_loss_second_moment():
+    distribution, uniform = TimestepDistribution(50), UniformTimesteps(50)
     g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    for a, b in zip(sampler.sample(64, "cpu", g()), uniform.sample(64, "cpu", g())):
+    for a, b in zip(distribution.draw(64, "cpu", g()), uniform.draw(64, "cpu", g())):
         assert torch.equal(a, b)  # exactly the uniform draw: no importance callback, no change
-    r, _, _ = warmed_resampler(10.0 ** np.linspace(-2, 1, 50), H=2, uniform_prob=0.001)
-    sampler.set_probs(r.probs())
-    for a, b in zip(sampler.sample(64, "cpu", g()), r.sample(64, "cpu", g())):
+    r, _, _ = warmed_distribution(10.0 ** np.linspace(-2, 1, 50), H=2, uniform_prob=0.001)
+    distribution.set_probs(r.probs())
+    for a, b in zip(distribution.draw(64, "cpu", g()), r.draw(64, "cpu", g())):
         assert torch.equal(a, b)
-    sampler.set_probs(None)
-    assert torch.equal(sampler.sample(8, "cpu", g())[0], uniform.sample(8, "cpu", g())[0])
+    distribution.set_probs(None)
+    assert torch.equal(distribution.draw(8, "cpu", g())[0], uniform.draw(8, "cpu", g())[0])
     with pytest.raises(ValueError, match=r"shape \(49,\)"):
-        sampler.set_probs(torch.full((49,), 1 / 49))
+        distribution.set_probs(torch.full((49,), 1 / 49))

@@ -1,4 +1,4 @@
-"""The importance sampler under real DDP (2 CPU processes, gloo) and across a resume."""
+"""Importance sampling of t (``ImportanceSampling``) under real DDP (2 CPU processes, gloo) and across a resume."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from iddpm_lightning.callbacks import ImportanceSampler
+from iddpm_lightning.callbacks import ImportanceSampling
 from iddpm_lightning.module import IDDPM
 
 from .conftest import TINY_UNET, REPO
+
 
 
 def reference_history(T: int, H: int, pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,20 +53,20 @@ def test_ddp_ranks_hold_identical_history_equal_to_rank_ordered_single_process(t
 def _fit(tmp_path, steps, ckpt_path=None):
     torch.manual_seed(0)
     model = IDDPM(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=12, loss_type="vlb")
-    sampler = ImportanceSampler(history_per_term=2)
+    callback = ImportanceSampling(history_per_term=2)
     x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     loader = DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=8)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, callbacks=[sampler, ckpt], default_root_dir=tmp_path)
+                      limit_val_batches=0, callbacks=[callback, ckpt], default_root_dir=tmp_path)
     trainer.fit(model, loader, ckpt_path=ckpt_path)
-    return sampler.resampler
+    return callback.history
 
 
 def test_history_survives_a_checkpoint_round_trip(tmp_path):
     stopped = _fit(tmp_path / "a", steps=3)
     saved = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
-    state = next(v for k, v in saved["callbacks"].items() if "ImportanceSampler" in k)
+    state = saved["callbacks"]["ImportanceSampler"]  # its key before the rename: older checkpoints resume
     assert torch.equal(state["loss_history"], stopped.loss_history)
     # Resuming with no steps left restores exactly the history of the stopped run.
     restored = _fit(tmp_path / "b", steps=3, ckpt_path=tmp_path / "a" / "last.ckpt")

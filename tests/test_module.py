@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from iddpm_lightning.callbacks import NonFiniteGuard
+from iddpm_lightning.diffusion import Sampler
 from iddpm_lightning.errors import ConfigError, NonFiniteLossError
 from iddpm_lightning.module import IDDPM
 from iddpm_lightning.rng import seeded_generator
@@ -18,6 +19,7 @@ from iddpm_lightning.unet import UNetConfig
 from .conftest import TINY_UNET, as_trained
 
 TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=20)
+
 
 
 def tiny(**kw) -> IDDPM:
@@ -153,15 +155,34 @@ def test_sampling_uses_eval_weights_and_is_reproducible():
         for p in model.ema_unet.parameters():
             p.mul_(0.5).add_(0.01)  # the output layer starts at zero (as the paper's): give it weights
     g = lambda: torch.Generator().manual_seed(3)
-    a = model.sample(3, sample_steps=5, generator=g())
-    b = model.sample(3, sample_steps=5, generator=g())
+    ddpm, ddim = Sampler("ddpm", 5), Sampler("ddim", "ddim5")
+    a = model.sample(ddpm, 3, generator=g())
+    b = model.sample(ddpm, 3, generator=g())
     assert a.shape == (3, 1, 8, 8) and torch.equal(a, b)
+    # the module's route is the sampler's on the eval UNet: the same images
+    torch.testing.assert_close(ddpm.sample(model.diffusion, model.model_fn(model.ema_unet), (3, 1, 8, 8),
+                                           generator=g()), a, rtol=0, atol=0)  # no dropout: train mode is eval
     model.eval_with_ema = False  # a run-time setting: an attribute, not a hyperparameter
-    c = model.sample(3, sample_steps=5, generator=g())
+    c = model.sample(ddpm, 3, generator=g())
     assert not torch.equal(a, c)
-    d = model.sample(3, sample_steps="ddim5", sampler="ddim", generator=g())
-    assert d.shape == (3, 1, 8, 8) and torch.equal(d, model.sample(3, sample_steps="ddim5", sampler="ddim", generator=g()))
+    d = model.sample(ddim, 3, generator=g())
+    assert d.shape == (3, 1, 8, 8) and torch.equal(d, model.sample(ddim, 3, generator=g()))
     assert model.unet.training and model.ema_unet.training  # sampling restored the train mode
+
+
+def test_class_labels_cycle_over_the_indices_and_a_sample_uses_them_by_default():
+    assert tiny().class_labels(torch.arange(5)) is None  # unconditional
+    model = tiny(class_cond=True, num_classes=3)
+    assert model.class_labels(torch.arange(7)).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert model.class_labels(torch.tensor([10, 11])).tolist() == [1, 2]  # by index over the whole draw
+    ddim = Sampler("ddim", 5)
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    default = model.sample(ddim, 4, generator=g())
+    assert torch.equal(default, model.sample(ddim, 4, labels=torch.tensor([0, 1, 2, 0]), generator=g()))
+    assert (model.sample(ddim, 4, labels=torch.tensor([2, 2, 2, 2]), generator=g()) - default).abs().max() > 1e-4
+    # noise given instead of a count: as many images as noise rows, the same images as drawn
+    noise = torch.randn(4, 1, 8, 8, generator=g())
+    assert torch.equal(model.sample(ddim, noise=noise), default)
 
 
 def test_python_callers_get_the_types_checks_in_one_sentence():
@@ -176,8 +197,8 @@ def test_python_callers_get_the_types_checks_in_one_sentence():
         assert str(err.value).startswith(start), str(err.value)
     with pytest.raises(ConfigError, match=r"^model.unet.dropout=1.5 must be a number in \[0, 1\)"):
         UNetConfig(dropout=1.5)
-    with pytest.raises(ConfigError, match=r"^sampler='euler' is not one of 'ddpm', 'ddim'"):
-        tiny().sample(1, 5, sampler="euler")
+    with pytest.raises(ConfigError, match=r"^sampler.name='euler' is not one of 'ddpm', 'ddim'"):
+        tiny().sample(Sampler("euler", 5), 1)
 
 
 def test_runtime_settings_are_not_hyperparameters_and_a_dict_unet_rebuilds_the_model():

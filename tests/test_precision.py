@@ -18,6 +18,7 @@ from .conftest import TINY_UNET, as_trained
 TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=30)
 
 
+
 def data(n=16):
     x = torch.randint(0, 256, (n, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1
     return DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=8)
@@ -77,6 +78,7 @@ def test_16_bit_true_precisions_are_refused_before_training(precision):
 def test_predict_samples_in_float32_under_bf16_mixed(tmp_path):
     """predict runs its steps under the precision's autocast; the samples are drawn in float32 anyway,
     as the FID callback and the grids draw them: the same images as a 32-true predict."""
+    from iddpm_lightning.diffusion import Sampler
     from iddpm_lightning.sampling import Sampling
 
     model = as_trained(IDDPM(**TINY))
@@ -84,6 +86,6 @@ def test_predict_samples_in_float32_under_bf16_mixed(tmp_path):
     for precision in ("32-true", "bf16-mixed"):
         trainer = Trainer(precision=precision, logger=False, enable_progress_bar=False, enable_model_summary=False,
                           default_root_dir=tmp_path)
-        out = trainer.predict(model, datamodule=Sampling(num_samples=8, sample_steps=10, batch_size=4))
+        out = trainer.predict(model, datamodule=Sampling(num_samples=8, sampler=Sampler(steps=10), batch_size=4))
         images[precision] = torch.cat([batch["image"] for batch in out])
     assert torch.equal(images["bf16-mixed"], images["32-true"])

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 
 from iddpm_lightning.callbacks import FID
-from iddpm_lightning.callbacks.fid import digit_features
 from iddpm_lightning.data import DigitsDataModule, to_model_range
-from iddpm_lightning.evaluation.features import DigitClassifier, DigitFeatures, train_digit_classifier
+from iddpm_lightning.evaluation.features import DigitClassifier, DigitFeatures, digit_features, train_digit_classifier
 from iddpm_lightning.evaluation.metrics import (ReferenceStats, class_confidence_entropy, frechet_distance,
                                                 inception_score, precision_recall, sample_quality)
 
@@ -190,7 +189,7 @@ def test_the_fid_callback_logs_the_digits_metrics_that_evaluate_prints(digits_se
 
 def test_to_model_range_round_trip_for_the_replayed_images(digits_setup):
     """The stub replays images through to_model_range; the callback rounds them back exactly."""
-    from iddpm_lightning.evaluation.features import to_uint8
+    from iddpm_lightning.data import to_uint8
 
     dm, _, _ = digits_setup
     assert torch.equal(to_uint8(to_model_range(dm.val_set.images)), dm.val_set.images)

@@ -1,10 +1,17 @@
 """Reliability: a run stopped anywhere — by max_steps, SIGTERM, Ctrl-C or SIGKILL, mid-epoch
 or at an epoch's last batch, in any epoch, with or without loader workers, with gradient
 accumulation — and resumed with --ckpt_path last ends exactly where an uninterrupted run
-does, having trained on exactly the same batches."""
+does, having trained on exactly the same batches.
+
+Runs that are signalled or killed are real processes (started as a scheduler starts a job step);
+every other run (the uninterrupted references, the runs stopped by max_steps, the resumes) goes
+through the CLI's ``main()`` in this process, which saves a Python start-up per run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import signal
 import subprocess
@@ -14,17 +21,25 @@ import time
 import pytest
 import torch
 
-from .conftest import REPO, TINY, run_cli
+from iddpm_lightning.cli import main
+
+from .conftest import REPO, TINY, cheap_callbacks
 from .recorder import read_batches
 
 pytestmark = pytest.mark.slow
 
-# digits_vlb (ImportanceSampler history in the checkpoint, dropout 0.1), 1497 training images
-# in batches of 256: 5 batches an epoch. A validation every 10 batches exercises its streams too.
+# digits_vlb (ImportanceSampling history in the checkpoint, dropout 0.1), 697 training images (of
+# the 1,797, 500 held out for validation and 600 for test) in batches of 128: 5 batches an epoch. A
+# validation every 10 batches exercises its streams too; the config's callbacks draw fewer samples.
 ARGS = ["--config", str(REPO / "configs" / "digits.yaml"), "--config", str(REPO / "configs" / "digits_vlb.yaml"),
-        *TINY, "--data.batch_size=256", "--trainer.val_check_interval=10", "--trainer.callbacks+=tests.recorder.RecordBatches"]
+        *TINY, "--data.batch_size=128", "--data.val_size=500", "--data.test_size=600",
+        "--trainer.val_check_interval=10", cheap_callbacks("iddpm_lightning.callbacks.ImportanceSampling"),
+        "--trainer.callbacks+=tests.recorder.RecordBatches"]
 STEPS = 18  # epochs 0..3
-ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+# Every run computes with the same number of threads, in this process or in its own.
+THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
+ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+       "OMP_NUM_THREADS": str(THREADS)}
 
 
 def load(path):
@@ -45,8 +60,33 @@ def max_abs_diff(a, b) -> float:
     return 0.0
 
 
-def fit(run_dir, *extra, cwd):
-    return run_cli("fit", *ARGS, f"--run_dir={run_dir}", *extra, cwd=cwd, env=ENV)
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def fit(run_dir, *extra, cwd) -> str:
+    """``fit`` through the CLI's ``main()`` in this process; returns what it printed and logged."""
+    args = ["fit", *ARGS, f"--run_dir={run_dir}", *extra]
+    out, records, logger = io.StringIO(), _Records(), logging.getLogger("lightning.pytorch")
+    threads, here = torch.get_num_threads(), os.getcwd()
+    logger.addHandler(records)
+    torch.set_num_threads(THREADS)
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            main(args)
+    except SystemExit as e:
+        raise AssertionError(f"fit exited with {e.code}:\n{out.getvalue()[-3000:]}") from None
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+        logger.removeHandler(records)
+    return out.getvalue() + "\n".join(records.lines)
 
 
 def assert_same_run(straight, resumed, steps=STEPS):
@@ -66,9 +106,9 @@ def assert_same_run(straight, resumed, steps=STEPS):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """The uninterrupted run, without loader workers."""
+    """The uninterrupted run, without loader workers; it also keeps a checkpoint every 4 steps."""
     cwd = tmp_path_factory.mktemp("straight")
-    fit(cwd / "run", f"--trainer.max_steps={STEPS}", cwd=cwd)
+    fit(cwd / "run", f"--trainer.max_steps={STEPS}", "--checkpoint.every_n_train_steps=4", cwd=cwd)
     return cwd / "run"
 
 
@@ -91,9 +131,10 @@ def start(run, *extra, cwd, env=None):
                             env={**(env or ENV), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
 
 
-def wait_for(path, proc, timeout=240):
+def wait_for(path, proc, timeout=240, lines=0):
+    """Until ``path`` exists (and holds at least ``lines`` lines), while ``proc`` runs."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not path.exists() or (lines and path.read_text().count("\n") < lines):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -113,8 +154,8 @@ def test_resume_after_sigkill_from_the_latest_periodic_checkpoint(straight, tmp_
     newest = max(last_step, *step_files)
     assert newest >= 12 and newest % 3 == 0
     expected = run / "checkpoints" / "last.ckpt" if last_step == newest else step_files[newest]
-    proc = fit(run, f"--trainer.max_steps={STEPS}", f"--data.num_workers={workers}", "--ckpt_path=last", cwd=tmp_path)
-    assert f"Resuming from {expected}" in proc.stderr
+    out = fit(run, f"--trainer.max_steps={STEPS}", f"--data.num_workers={workers}", "--ckpt_path=last", cwd=tmp_path)
+    assert f"Resuming from {expected}" in out
     assert_same_run(straight, run)
 
 
@@ -131,8 +172,7 @@ ACC_STEPS = 10  # 30 micro-batches: 6 epochs
 def stop_by_signal(run, sig, cwd, *extra):
     """Start a run, send ``sig`` a few micro-batches in, and return its last.ckpt and output."""
     proc = start(run, *extra, "--checkpoint.every_n_train_steps=1000", cwd=cwd)
-    wait_for(run / "batches.jsonl", proc)
-    time.sleep(1.0)  # a few micro-batches in: most likely inside an accumulation window
+    wait_for(run / "batches.jsonl", proc, lines=4)  # micro-batch 4 started: inside an accumulation window
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == (128 + signal.SIGTERM if sig == signal.SIGTERM else 0), out[-3000:]
@@ -163,14 +203,12 @@ def test_ctrl_c_stops_at_a_step_boundary_with_exit_status_0(tmp_path):
     assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 5 * ckpt["global_step"]
 
 
-def test_periodic_checkpoints_are_all_kept_and_named_by_step(tmp_path):
-    run = tmp_path / "run"
-    run_cli("fit", "--config", str(REPO / "configs" / "digits.yaml"), *TINY, f"--run_dir={run}",
-            "--trainer.max_steps=7", "--checkpoint.every_n_train_steps=2", cwd=tmp_path)
-    names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["last.ckpt", "step=2.ckpt", "step=4.ckpt", "step=6.ckpt"]
-    assert [load(run / "checkpoints" / f"step={s}.ckpt")["global_step"] for s in (2, 4, 6)] == [2, 4, 6]
-    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 7  # the end of fit, between two saves
+def test_periodic_checkpoints_are_all_kept_and_named_by_step(straight):
+    """The uninterrupted run's checkpoints (every 4 steps)."""
+    names = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step=12.ckpt", "step=16.ckpt", "step=4.ckpt", "step=8.ckpt"]
+    assert [load(straight / "checkpoints" / f"step={s}.ckpt")["global_step"] for s in (4, 8, 12, 16)] == [4, 8, 12, 16]
+    assert load(straight / "checkpoints" / "last.ckpt")["global_step"] == STEPS  # the end of fit, between two saves
 
 
 def stop_group(run, sig, cwd, *extra, env=None):
@@ -178,8 +216,7 @@ def stop_group(run, sig, cwd, *extra, env=None):
     and most schedulers do), and return its exit status, output and last.ckpt."""
     proc = start(run, f"--trainer.max_steps={STEPS}", "--checkpoint.every_n_train_steps=1000", "--data.num_workers=2",
                  *extra, cwd=cwd, env=env)
-    wait_for(run / "batches.jsonl", proc)
-    time.sleep(1.0)
+    wait_for(run / "batches.jsonl", proc, lines=3)  # a few steps in: batch 3 started
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
     assert "killed by signal" not in out, out[-3000:]  # no DataLoader worker died of it
@@ -200,7 +237,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_a_step_and_resum
     assert_same_run(straight, run)
 
 
-def test_slurm_sigusr1_saves_last_requeues_the_job_and_the_rerun_resumes_exactly(straight, tmp_path):
+def test_slurm_sigusr1_saves_last_requeues_the_job_and_the_rerun_resumes_exactly(straight, tmp_path, monkeypatch):
     """The README's sbatch recipe under a stand-in SLURM: srun's variables, a fake ``scontrol`` on
     the PATH, ``#SBATCH --signal=USR1@120`` delivered to the job step's process group. Lightning's own
     auto-requeue (an hpc_ckpt saved from inside its handler, mid-step) stays out of the way."""
@@ -217,7 +254,8 @@ def test_slurm_sigusr1_saves_last_requeues_the_job_and_the_rerun_resumes_exactly
     assert code == 128 + signal.SIGUSR1 and "SLURM job is requeued" in out, out[-3000:]
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     assert not list(tmp_path.rglob("hpc_ckpt*"))
-    proc = run_cli("fit", *ARGS, f"--run_dir={run}", f"--trainer.max_steps={STEPS}", "--data.num_workers=2",
-                   "--ckpt_path=last", cwd=tmp_path, env=slurm)  # the requeued job: the same command
-    assert f"Resuming from {run / 'checkpoints' / 'last.ckpt'}" in proc.stderr
+    for key, value in slurm.items():  # the requeued job: the same command, in this process
+        monkeypatch.setenv(key, value)
+    out = fit(run, f"--trainer.max_steps={STEPS}", "--data.num_workers=2", "--ckpt_path=last", cwd=tmp_path)
+    assert f"Resuming from {run / 'checkpoints' / 'last.ckpt'}" in out
     assert_same_run(straight, run)

@@ -18,6 +18,7 @@ from .conftest import TINY_UNET, as_trained
 TINY = dict(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=100)
 
 
+
 def pair(**options) -> tuple[IDDPM, IDDPM]:
     """A plain model and one with ``options``, holding the same weights."""
     torch.manual_seed(0)

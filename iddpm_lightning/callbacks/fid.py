@@ -1,6 +1,6 @@
 """Sample quality during training: FID (or the digits metrics), KID, precision/recall and the
 Inception Score (or class confidence) of the model's samples, every N validation epochs. The
-reference statistics and metrics are ``evaluation/``'s, the code ``evaluate`` runs."""
+features, reference statistics and metrics are ``evaluation/``'s, the code ``evaluate`` runs."""
 
 from __future__ import annotations
 
@@ -8,29 +8,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..data import Reference
+from ..data import Reference, to_uint8
+from ..diffusion import Sampler
 from ..errors import ConfigError
-from ..evaluation.features import (INCEPTION_FILE, INCEPTION_URL, DigitFeatures,  # noqa: F401 (re-exported)
-                                   InceptionFeatures, default_cache_dir, to_rgb, to_uint8, wrap)
+from ..evaluation.features import DigitFeatures, InceptionFeatures, default_cache_dir, digit_features, wrap
 from ..evaluation.metrics import MIN_SAMPLES, ReferenceStats, metric_names, sample_quality
 from ..evaluation.reference import (REFERENCE_SUBSET, Ranks, extract, one_line, reference_file, reference_key,
                                     reference_statistics)
 from ..rng import seeded_generator
-from ..settings import (ClosedUnitInterval, Features, MetricSampleCount, NonNegativeInt, PositiveInt, Sampler,
-                        SampleSteps, SolverOrder, check_args)
+from ..settings import Features, MetricSampleCount, NonNegativeInt, PositiveInt, check_args
 
 _SAMPLE_STREAM = 7  # the last key of the sample generator, apart from the other seeded streams
-
-
-def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] ``[N, C, H, W]`` -> uint8 [0, 255] (rounded, the inverse of ``u / 127.5 - 1``)
-    with 3 channels (greyscale repeated)."""
-    return to_rgb(to_uint8(x))
 
 
 class FID(Callback):
@@ -65,9 +57,7 @@ class FID(Callback):
     Args:
         num_samples: Samples per evaluation, over all devices (the paper uses 50000); at least 4.
         every_n_val_epochs: Compute the metrics at every n-th validation run of ``fit``.
-        sample_steps: Sampling steps (e.g. 100, "10,15,25", "ddim50"; a count for ``dpm_solver``); null: all T.
-        sampler: ``ddpm`` (ancestral), ``ddim`` or ``dpm_solver``.
-        eta: DDIM's η in [0, 1] (``ddim`` only; 0 is deterministic).
+        sampler: How the samples are drawn (``diffusion.samplers``).
         batch_size: Images per sampling and feature-extraction batch, per device.
         reference_split: ``train`` (the paper's protocol) or ``val``: the data module's split
             whose statistics the samples are compared with.
@@ -83,7 +73,6 @@ class FID(Callback):
             ``fid_stats/`` in the data module's ``root`` if it has one, else in the run directory
             (when that folder is not writable the statistics are computed every run, with a warning).
         seed: Seed of the fixed sampling noise (a non-negative integer).
-        solver_order: DPM-Solver++'s order (``dpm_solver`` only).
         reference_subset: Reference images whose features are kept for KID and precision/recall (a
             fixed subset; the Fréchet distance always uses μ and Σ of the whole split, streamed).
             50,000 is CIFAR-10's whole training split; on ImageNet a fixed 50k of its 1.28M, as
@@ -94,9 +83,7 @@ class FID(Callback):
         self,
         num_samples: MetricSampleCount = 10000,
         every_n_val_epochs: PositiveInt = 1,
-        sample_steps: SampleSteps = 100,
-        sampler: Sampler = "ddpm",
-        eta: ClosedUnitInterval = 0.0,
+        sampler: Sampler = Sampler(),
         batch_size: PositiveInt = 250,
         reference_split: Literal["train", "val"] = "train",
         features: Features = "inception",
@@ -104,13 +91,11 @@ class FID(Callback):
         feature_extractor: torch.nn.Module | None = None,
         cache_dir: str | None = None,
         seed: NonNegativeInt = 0,
-        solver_order: SolverOrder = 2,
         reference_subset: MetricSampleCount = REFERENCE_SUBSET,
     ):
         check_args("FID ", FID.__init__, locals())
         self._given = feature_extractor is not None  # a given extractor is never replaced
-        self.num_samples, self.every_n_val_epochs = num_samples, every_n_val_epochs
-        self.sample_steps, self.sampler, self.eta, self.solver_order = sample_steps, sampler, eta, solver_order
+        self.num_samples, self.every_n_val_epochs, self.sampler = num_samples, every_n_val_epochs, sampler
         self.batch_size, self.reference_split, self.features = batch_size, reference_split, features
         self.inception_weights, self.cache_dir, self.seed = inception_weights, cache_dir, seed
         self.reference_subset = reference_subset
@@ -131,10 +116,10 @@ class FID(Callback):
 
     @property
     def state_key(self) -> str:
-        # The inception key is the one of before the digits features existed, so older checkpoints resume.
+        # The key of before the digits features and the Sampler settings existed, so older checkpoints resume.
         extra = {} if self.features == "inception" else {"features": self.features}
-        return self._generate_state_key(reference_split=self.reference_split, sample_steps=self.sample_steps,
-                                        sampler=self.sampler, **extra)
+        return self._generate_state_key(reference_split=self.reference_split, sample_steps=self.sampler.steps,
+                                        sampler=self.sampler.name, **extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {"val_epochs": self._val_epochs}
@@ -149,8 +134,8 @@ class FID(Callback):
         statistics now, before the first training step (Lightning has set up the data module)."""
         if stage not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
             return
-        if hasattr(pl_module, "check_sampling"):
-            pl_module.check_sampling(self.sample_steps, self.sampler)  # bad steps fail now, not after training
+        if hasattr(pl_module, "diffusion"):
+            self.sampler.timesteps(pl_module.diffusion)  # bad steps fail now, not after training
         dm = trainer.datamodule
         if not callable(getattr(dm, "reference", None)):
             raise ConfigError(
@@ -200,9 +185,7 @@ class FID(Callback):
         rows = []
         for batch in mine.split(self.batch_size):
             # classes by the index over all ranks' samples: balanced over every class, whatever the batches
-            x = pl_module.sample(len(batch), self.sample_steps, self.sampler, eta=self.eta,
-                                 labels=pl_module.class_labels(batch), generator=generator,
-                                 solver_order=self.solver_order)
+            x = pl_module.sample(self.sampler, len(batch), labels=pl_module.class_labels(batch), generator=generator)
             rows.append(extract(self.extractor, to_uint8(x)))
         D, K = self.extractor.num_features, self.extractor.num_logits
         local = torch.cat(rows) if rows else torch.zeros(0, D + K, device=pl_module.device)
@@ -286,17 +269,3 @@ class FID(Callback):
     def _unreadable(self, where: str, err: BaseException) -> str:
         return (f"FID reference_split={self.reference_split!r} cannot be read from {where} ({one_line(err)}); check the "
                 f"data settings (data.root and the files under it), or set reference_split to a readable split")
-
-
-def digit_features(dm, cache_dir: Path | None) -> DigitFeatures:
-    """The digits classifier of data module ``dm`` (trained on its training split, cached in ``cache_dir``)."""
-    shape = (getattr(dm, "channels", None), getattr(dm, "image_size", None), getattr(dm, "num_classes", None))
-    if shape != (1, 8, 10):
-        raise ConfigError(
-            f"features='digits' reads 8x8 greyscale digits of 10 classes, but {type(dm).__name__} has "
-            f"{shape[0]} channel(s) of {shape[1]}x{shape[1]} pixels and {shape[2]} classes; use features: inception"
-        )
-    train = dm.reference("train")
-    loader = DataLoader(train.dataset, batch_size=len(train.dataset))
-    images, labels = next(iter(loader))  # (N, 1, 8, 8) in [-1, 1], (N,)
-    return DigitFeatures.load_or_train(to_uint8(images), labels, train.key, cache_dir)

@@ -1,5 +1,6 @@
 """GaussianDiffusion: the forward process, the learned reverse process, its losses,
-exact bits/dim and the samplers of Improved DDPM (Nichol & Dhariwal 2021).
+exact bits/dim and the reverse steps of Improved DDPM (Nichol & Dhariwal 2021); the sampling
+loops over these steps are ``samplers.py``'s.
 
 (Over 300 lines on purpose: the paper's mathematics in one class, read top to bottom in the
 order of its sections, as the paper's own ``gaussian_diffusion.py``; every method states the
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .dpm_solver import dpm_solver_sample_loop
 from .likelihood import discretized_gaussian_log_likelihood, normal_kl
 from .schedules import space_timesteps
 
@@ -154,23 +154,21 @@ class GaussianDiffusion(nn.Module):
         """The model's output at ORIGINAL timesteps, in x's dtype (float32 under autocast too)."""
         return model(x_t, self.timestep_map[t]).to(x_t.dtype)
 
-    def respace(self, section_counts: str | int) -> "GaussianDiffusion":
-        """A diffusion over the steps kept by ``space_timesteps(T, section_counts)``.
+    def respace(self, steps: str | int | Sequence[int]) -> "GaussianDiffusion":
+        """A diffusion over some of the original steps (the paper's ``SpacedDiffusion``): a respacing
+        (``100``, ``"10,15,25"``, ``"ddim50"``: the steps ``space_timesteps`` keeps) or the kept steps
+        themselves (distinct, any order).
 
-        Its β come from ᾱ at the kept steps, β'_i = 1 − ᾱ_{k_i} / ᾱ_{k_{i-1}}, so its ᾱ
-        equals the original ᾱ at every kept step; its model calls use original indices.
+        Its β come from ᾱ at the kept steps k_0 < k_1 < ..., β'_i = 1 − ᾱ_{k_i} / ᾱ_{k_{i-1}}, so its ᾱ
+        equals the original ᾱ at every kept step; its model calls use the original indices. Its
+        reverse process starts from N(0, I) at the last kept step, so keeping only steps below some
+        t' < T skips the first T − t' steps of the original reverse process (the paper's Fig. 3).
         """
-        return self.spaced(space_timesteps(self.num_timesteps, section_counts))
-
-    def spaced(self, use_timesteps: Sequence[int]) -> "GaussianDiffusion":
-        """A diffusion over the original steps ``use_timesteps`` (distinct, any order; the
-        paper's ``SpacedDiffusion``), with β'_i = 1 − ᾱ_{k_i} / ᾱ_{k_{i-1}} over the kept
-        k_0 < k_1 < ...: its ᾱ equals the original ᾱ at every kept step. Its reverse process
-        starts from N(0, I) at the last kept step, so keeping only steps below some t' < T
-        skips the first T − t' steps of the original reverse process (the paper's Fig. 3)."""
-        kept = sorted(set(int(k) for k in use_timesteps))
+        if isinstance(steps, (str, int)):
+            steps = space_timesteps(self.num_timesteps, steps)
+        kept = sorted(set(int(k) for k in steps))
         if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
-            raise ValueError(f"use_timesteps must be steps of 0..{self.num_timesteps - 1}, got {list(use_timesteps)}")
+            raise ValueError(f"the kept steps must be steps of 0..{self.num_timesteps - 1}, got {list(steps)}")
         alphas_cumprod = self.alphas_cumprod.cpu().numpy()[kept]
         betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
         return GaussianDiffusion(
@@ -474,45 +472,3 @@ class GaussianDiffusion(nn.Module):
         mean = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
-
-    @inference
-    def p_sample_loop(
-        self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None, clip_denoised: bool = True,
-        generator: torch.Generator | None = None, progress: bool = False, device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """Ancestral sampling from x_T ~ N(0, I) (or ``noise``) down to x_0; [*shape]."""
-        return self._sample_loop(self.p_sample, model, shape, noise, generator, progress, device,
-                                 clip_denoised=clip_denoised)
-
-    @inference
-    def ddim_sample_loop(
-        self, model: Model, shape: tuple[int, ...], noise: torch.Tensor | None = None, clip_denoised: bool = True,
-        eta: float = 0.0, generator: torch.Generator | None = None, progress: bool = False,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """DDIM sampling (deterministic given x_T when η = 0); [*shape]."""
-        return self._sample_loop(self.ddim_sample, model, shape, noise, generator, progress, device,
-                                 clip_denoised=clip_denoised, eta=eta)
-
-    def dpm_solver_sample_loop(
-        self, model: Model, shape: tuple[int, ...], steps: int, order: int = 2, lambda_min: float = -float("inf"),
-        clip_denoised: bool = True, noise: torch.Tensor | None = None, generator: torch.Generator | None = None, progress: bool = False,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """DPM-Solver++ of ``order`` in ``steps`` steps over this (unrespaced) schedule, with
-        diffusers' scheduler (``dpm_solver.py``): ε only, x̂_0 clipped; [*shape]."""
-        if not torch.equal(self.timestep_map.cpu(), torch.arange(self.num_timesteps)):
-            raise ValueError("dpm_solver_sample_loop spaces its own steps: call it on the unrespaced diffusion")
-        return dpm_solver_sample_loop(model, self.betas, shape, steps, order, lambda_min, clip_denoised,
-                                      noise=noise, generator=generator, progress=progress, device=device)
-
-    def _sample_loop(self, step, model, shape, noise, generator, progress, device, **kwargs) -> torch.Tensor:
-        device = device if device is not None else self.betas.device
-        if noise is not None:
-            x = noise.to(device)
-        else:
-            x = torch.randn(*shape, generator=generator, device=device)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
-            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
-            x = step(model, x, t, generator=generator, **kwargs)["sample"]
-        return x

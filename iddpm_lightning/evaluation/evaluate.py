@@ -34,7 +34,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..data import to_model_range
-from .features import INCEPTION_FILE, InceptionFeatures, default_cache_dir
+from .features import INCEPTION_FILE, InceptionFeatures, default_cache_dir, digit_features
 from .metrics import MIN_SAMPLES, ReferenceStats, metric_names, sample_quality
 from .reference import REFERENCE_SUBSET, one_line, reference_file, reference_key, reference_statistics
 
@@ -218,7 +218,6 @@ class ImageArray(torch.utils.data.Dataset):
 def extractor_for(kind: str, reference: ReferenceSource, inception_weights: str, cache_folder: Path | None):
     if kind == "inception":
         return InceptionFeatures(inception_weights)
-    from ..callbacks.fid import digit_features
     from ..data import DigitsDataModule
 
     dm = reference.dm

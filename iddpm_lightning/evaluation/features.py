@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpointing import replace_durably
-from ..data import to_uint8  # noqa: F401 (re-exported: the uint8 images every extractor reads)
+from ..data import to_uint8
 from ..errors import ConfigError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -212,3 +212,16 @@ class DigitFeatures(nn.Module):
         # statistics of another training of the classifier (another machine's kernels) never mix.
         weights = hashlib.sha256(b"".join(t.numpy().tobytes() for t in net.state_dict().values())).hexdigest()[:12]
         return cls(net, f"digits-cnn-v{DIGIT_TRAINING['version']}:64:{digest}:{weights}")
+
+
+def digit_features(dm, cache_dir: Path | None) -> DigitFeatures:
+    """The digits classifier of data module ``dm`` (trained on its training split, cached in ``cache_dir``)."""
+    shape = (getattr(dm, "channels", None), getattr(dm, "image_size", None), getattr(dm, "num_classes", None))
+    if shape != (1, 8, 10):
+        raise ConfigError(
+            f"features='digits' reads 8x8 greyscale digits of 10 classes, but {type(dm).__name__} has "
+            f"{shape[0]} channel(s) of {shape[1]}x{shape[1]} pixels and {shape[2]} classes; use features: inception"
+        )
+    train = dm.reference("train")
+    images, labels = next(iter(torch.utils.data.DataLoader(train.dataset, batch_size=len(train.dataset))))
+    return DigitFeatures.load_or_train(to_uint8(images), labels, train.key, cache_dir)  # (N, 1, 8, 8) uint8 in

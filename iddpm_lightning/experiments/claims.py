@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from ..diffusion import Sampler
 from .measure import Checkpoint, Digits, Measurements, checkpoint_path, curves, window_noise
-from .plan import Run, Scale
+from .plan import EXPERIMENTS, Run, Scale
 
 REPRODUCED, PARTLY, NOT = "reproduced", "partly", "not at this scale"
 METRICS = ("fd_digits", "precision", "recall", "confidence")
@@ -65,13 +67,14 @@ class Suite:
             self._loaded = (path, Checkpoint(path))
         return self._loaded[1]
 
-    def quality(self, run: Run, sampler: str, steps: int, variance: str | None = None, skip: float = 0.0) -> dict:
+    def quality(self, run: Run, sampler: Sampler, variance: str | None = None, skip: float = 0.0) -> dict:
         """Sample quality of ``run``'s final model: ``num_samples`` images, noise keyed by the run's seed."""
         s = self.scale
-        key = f"quality/{sampler}/{steps}/{variance or 'own'}/skip{skip:g}/n{s.num_samples}/step{s.lengths[-1]}"
+        steps = s.full_steps if sampler.steps is None else sampler.steps
+        key = f"quality/{sampler.name}/{steps}/{variance or 'own'}/skip{skip:g}/n{s.num_samples}/step{s.lengths[-1]}"
         return self._get(run, key, lambda: self.digits.quality(
-            self.checkpoint(run, s.lengths[-1]).draw(sampler, steps, s.num_samples, 10_000 + run.seed,
-                                                     s.sample_batch, variance, skip)))
+            self.checkpoint(run, s.lengths[-1]).draw(sampler, s.num_samples, 10_000 + run.seed, s.sample_batch,
+                                                     variance, skip)))
 
     def test_bpd(self, run: Run, step: int) -> dict:
         s = self.scale
@@ -101,23 +104,19 @@ def _stat(suite: Suite, name: str, metric: str, *args, **kwargs) -> dict:
 
 
 def claim_sampling_steps(suite: Suite) -> dict:
-    """Claim 1 (§4, Fig. 8): with learned Σ, few respaced ancestral steps keep sample quality."""
+    """Claim 1 (§4, Fig. 8): with learned Σ, few respaced ancestral steps keep sample quality. The
+    samplers compared are ``experiments/samplers.yaml``'s."""
     s = suite.scale
     budgets = [*s.step_counts, s.full_steps]
-    variants = {  # label: (recipe, sampler, variance)
-        "L_hybrid, learned Σ (ancestral)": ("hybrid", "ddpm", None),
-        "L_simple, Σ = β̃ (fixed_small)": ("simple", "ddpm", "fixed_small"),
-        "L_simple, Σ = β (fixed_large)": ("simple", "ddpm", "fixed_large"),
-        "L_hybrid, DDIM (η = 0)": ("hybrid", "ddim", None),
-        "L_hybrid, DPM-Solver++(2M)": ("hybrid", "dpm_solver", None),
-    }
+    variants = yaml.safe_load((EXPERIMENTS / "samplers.yaml").read_text())  # label: recipe, sampler, variance, full
     cells = {}
-    for label, (recipe, sampler, variance) in variants.items():
+    for label, v in variants.items():
         for steps in budgets:
-            if steps == s.full_steps and sampler != "ddpm":
-                continue  # DDIM and DPM-Solver are for few steps
-            runs = [r for r in suite.runs(recipe) if steps != s.full_steps or r.seed in s.full_seeds]
-            quality = [suite.quality(r, sampler, steps, variance) for r in runs]
+            if steps == s.full_steps and not v.get("full"):
+                continue  # the solvers are for few steps
+            settings = {**v["sampler"], "steps": None if steps == s.full_steps else v["sampler"]["steps"].format(n=steps)}
+            runs = [r for r in suite.runs(v["recipe"]) if steps != s.full_steps or r.seed in s.full_seeds]
+            quality = [suite.quality(r, Sampler(**settings), v.get("variance")) for r in runs]
             cells[(label, steps)] = {m: {**mean_se([q[m] for q in quality]), "seeds": [q[m] for q in quality]}
                                      for m in METRICS}
     hybrid, small, large = list(variants)[:3]
@@ -152,11 +151,11 @@ def claim_cosine_schedule(suite: Suite) -> dict:
     out = {"bpd": {}, "fd": {}, "skip": {}}
     for name, schedule in (("hybrid", "cosine"), ("linear", "linear")):
         out["bpd"][schedule] = suite.across(name, lambda r: suite.test_bpd(r, last)["bpd"])
-        out["fd"][schedule] = _stat(suite, name, "fd_digits", "ddpm", s.step_counts[-1])
-        base = [suite.quality(r, "ddpm", s.skip_steps)["fd_digits"] for r in suite.runs(name)]
+        out["fd"][schedule] = _stat(suite, name, "fd_digits", Sampler(steps=s.step_counts[-1]))
+        base = [suite.quality(r, Sampler(steps=s.skip_steps))["fd_digits"] for r in suite.runs(name)]
         out["skip"][schedule] = {"0": {**mean_se(base), "seeds": base}}
         for f in s.skip_fractions:
-            fds = [suite.quality(r, "ddpm", s.skip_steps, skip=f)["fd_digits"] for r in suite.runs(name)]
+            fds = [suite.quality(r, Sampler(steps=s.skip_steps), skip=f)["fd_digits"] for r in suite.runs(name)]
             ratios = [a / b for a, b in zip(fds, base)]
             out["skip"][schedule][f"{f:g}"] = {**mean_se(fds), "seeds": fds, "ratio": mean_se(ratios),
                                                "ratio_seeds": ratios}
@@ -189,7 +188,7 @@ def claim_vlb_vs_hybrid(suite: Suite) -> dict:
     recipes = {"hybrid": "L_hybrid", "vlb": "L_vlb, importance-sampled t", "vlb_uniform": "L_vlb, uniform t"}
     bpd = {label: {str(step): suite.across(name, lambda r, step=step: suite.test_bpd(r, step)["bpd"])
                    for step in s.lengths} for name, label in recipes.items()}
-    fd = {label: _stat(suite, name, "fd_digits", "ddpm", s.step_counts[-1]) for name, label in recipes.items()}
+    fd = {label: _stat(suite, name, "fd_digits", Sampler(steps=s.step_counts[-1])) for name, label in recipes.items()}
     last = str(s.lengths[-1])
     h, v = recipes["hybrid"], recipes["vlb"]
     gaps = {step: [b - a for a, b in zip(bpd[h][step]["seeds"], bpd[v][step]["seeds"])] for step in bpd[h]}

@@ -12,17 +12,17 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..callbacks.fid import digit_features
 from ..checkpointing import read_checkpoint, replace_durably
 from ..data import DigitsDataModule, to_uint8
-from ..diffusion import GaussianDiffusion
-from ..diffusion.schedules import space_timesteps
+from ..diffusion import GaussianDiffusion, Sampler, space_timesteps
+from ..evaluation.features import digit_features
 from ..evaluation.metrics import ReferenceStats, sample_quality
 from ..module import IDDPM
 
@@ -55,35 +55,23 @@ class Checkpoint:
         self.shape = (self.module.hparams.in_channels, self.module.hparams.image_size, self.module.hparams.image_size)
 
     @torch.inference_mode()
-    def draw(self, sampler: str, steps: int, num: int, seed: int, batch: int, variance: str | None = None,
+    def draw(self, sampler: Sampler, num: int, seed: int, batch: int, variance: str | None = None,
              skip: float = 0.0) -> torch.Tensor:
-        """``num`` uint8 samples [N, C, H, W] from ``seed``'s noise (the same noise for every model).
-
-        ``sampler``: ``ddpm`` (ancestral over ``steps`` respaced steps), ``ddim`` (η = 0) or
-        ``dpm_solver`` (DPM-Solver++(2M)). ``variance`` samples with another fixed Σ than the
-        model's own (``fixed_large`` for an L_simple model: the network is the same). ``skip``:
-        the share of the reverse process skipped, i.e. ``steps`` steps spaced over
-        [0, (1 − skip)·T), started from N(0, I) there (the paper's Fig. 3)."""
+        """``num`` uint8 samples [N, C, H, W] drawn by ``sampler`` from ``seed``'s noise (the same noise
+        for every model). ``variance`` samples with another fixed Σ than the model's own (``fixed_large``
+        for an L_simple model: the network is the same). ``skip``: the share of the reverse process
+        skipped: ``sampler.steps`` steps spaced over [0, (1 − skip)·T), started from N(0, I) there
+        (the paper's Fig. 3)."""
         T = self.diffusion.num_timesteps
         diffusion = self.diffusion
         if variance is not None and variance != diffusion.model_var_type:
             diffusion = GaussianDiffusion(diffusion.betas, variance, diffusion.loss_type)
         if skip:
-            diffusion = diffusion.spaced(space_timesteps(round((1 - skip) * T), str(steps)))
-        elif sampler != "dpm_solver" and steps < T:
-            diffusion = diffusion.respace(str(steps) if sampler == "ddpm" else f"ddim{steps}")
+            diffusion = diffusion.respace(space_timesteps(round((1 - skip) * T), sampler.steps))
+            sampler = replace(sampler, steps=None)  # every kept step
         generator = torch.Generator().manual_seed(seed)
-        out = []
-        for start in range(0, num, batch):
-            shape = (min(batch, num - start), *self.shape)
-            if sampler == "dpm_solver":
-                x = diffusion.dpm_solver_sample_loop(self.model, shape, steps, 2, self.module._lambda_min,
-                                                     generator=generator)
-            elif sampler == "ddim":
-                x = diffusion.ddim_sample_loop(self.model, shape, eta=0.0, generator=generator)
-            else:
-                x = diffusion.p_sample_loop(self.model, shape, generator=generator)
-            out.append(to_uint8(x))
+        out = [to_uint8(sampler.sample(diffusion, self.model, (min(batch, num - start), *self.shape),
+                                       generator=generator)) for start in range(0, num, batch)]
         return torch.cat(out)
 
     @torch.inference_mode()

@@ -5,7 +5,7 @@ one-call-per-t loop written here) and lay the k·B inputs out t-major."""
 import pytest
 import torch
 
-from iddpm_lightning.diffusion import BPD_MAX_BATCH, GaussianDiffusion, get_named_beta_schedule
+from iddpm_lightning.diffusion import BPD_MAX_BATCH, GaussianDiffusion, Sampler, get_named_beta_schedule
 from iddpm_lightning.diffusion.gaussian import log_strata
 
 from .test_gaussian import ToyModel, grid_image
@@ -122,9 +122,10 @@ def test_samples_and_likelihoods_are_ordinary_tensors():
     T = 6
     d = GaussianDiffusion(get_named_beta_schedule("cosine", T))
     model = ToyModel(1, learned=True, seed=67)
-    x = d.p_sample_loop(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    x = Sampler("ddpm", None).sample(d, model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     bpd = d.calc_bpd_loop(model, grid_image((2, 1, 4, 4), 68), max_batch=4)
-    for tensor in (x, d.ddim_sample_loop(model, (2, 1, 4, 4)), bpd["vb"],
+    for tensor in (x, Sampler("ddim", None).sample(d, model, (2, 1, 4, 4)), bpd["vb"],
+                   Sampler("dpm_solver", 3).sample(d, model, (2, 1, 4, 4)),
                    d.stratified_bpd(model, grid_image((2, 1, 4, 4), 68), 3)["total_bpd"]):
         assert not tensor.is_inference()
         tensor.mul_(1.0)

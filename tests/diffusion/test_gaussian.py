@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule, space_timesteps
+from iddpm_lightning.diffusion import GaussianDiffusion, Sampler, get_named_beta_schedule, space_timesteps
 
 F64 = torch.float64
 LN2 = math.log(2.0)
@@ -705,30 +705,30 @@ def test_respace_everything_is_identity():
 
 
 def test_a_reverse_process_that_skips_its_first_steps_starts_from_noise_below_t_prime():
-    """``spaced`` over the steps below t' = 0.75 T (the paper's Fig. 3): ᾱ of the kept steps,
-    the first model call at the last kept step, and a respaced diffusion of it equal to spaced()."""
+    """``respace`` over the kept steps below t' = 0.75 T (the paper's Fig. 3): ᾱ of the kept steps,
+    the first model call at the last kept step, and a respacing of T equal to respacing by its kept steps."""
     T = 40
     betas = get_named_beta_schedule("linear", T)
     base = GaussianDiffusion(betas, model_var_type="learned_range", loss_type="hybrid")
     kept = space_timesteps(30, "10")  # 10 steps spaced over [0, 30)
-    d = base.spaced(reversed(kept))  # any order
+    d = base.respace(list(reversed(kept)))  # any order
     assert d.timestep_map.tolist() == kept and kept[-1] < 30
     np.testing.assert_allclose(np_(d.alphas_cumprod), np.cumprod(1 - betas)[kept], rtol=1e-12)
     spy = SpyModel(1, learned=True)
-    d.p_sample_loop(spy, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    Sampler("ddpm", None).sample(d, spy, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     assert [tt.tolist() for tt in spy.ts] == [[k, k] for k in reversed(kept)]
-    np.testing.assert_array_equal(np_(base.respace("ddim5").betas), np_(base.spaced(space_timesteps(T, "ddim5")).betas))
-    with pytest.raises(ValueError, match="use_timesteps must be steps of 0..39"):
-        base.spaced([3, 40])
+    np.testing.assert_array_equal(np_(base.respace("ddim5").betas), np_(base.respace(space_timesteps(T, "ddim5")).betas))
+    with pytest.raises(ValueError, match="the kept steps must be steps of 0..39"):
+        base.respace([3, 40])
 
 
-def test_respaced_models_receive_original_indices_p_sample_loop():
+def test_respaced_models_receive_original_indices_ancestral():
     T = 50
     betas = get_named_beta_schedule("cosine", T)
     d = GaussianDiffusion(betas, model_var_type="learned_range", loss_type="hybrid").respace("10,15")
     kept = space_timesteps(T, "10,15")
     spy = SpyModel(1, learned=True)
-    x = d.p_sample_loop(spy, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    x = Sampler("ddpm", None).sample(d, spy, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 1, 4, 4)
     seen = [tt.tolist() for tt in spy.ts]
     assert seen == [[k, k] for k in reversed(kept)]
@@ -738,7 +738,7 @@ def test_respaced_models_receive_original_indices_ddim():
     T = 50
     d = GaussianDiffusion(get_named_beta_schedule("cosine", T), model_var_type="fixed_large", loss_type="simple").respace("ddim5")
     spy = SpyModel(1, learned=False)
-    d.ddim_sample_loop(spy, (3, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    Sampler("ddim", None).sample(d, spy, (3, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     assert [tt.tolist() for tt in spy.ts] == [[k] * 3 for k in (40, 30, 20, 10, 0)]
 
 
@@ -763,14 +763,15 @@ def test_ddim_eta0_deterministic_given_xT():
     d = GaussianDiffusion(get_named_beta_schedule("cosine", T), model_var_type="learned_range", loss_type="hybrid")
     model = ToyModel(1, learned=True, seed=71)
     xT = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(72), dtype=F64)
-    a = d.ddim_sample_loop(model, xT.shape, noise=xT.clone(), eta=0.0, generator=torch.Generator().manual_seed(1))
+    ddim0, ddim1 = Sampler("ddim", None, eta=0.0), Sampler("ddim", None, eta=1.0)
+    a = ddim0.sample(d, model, noise=xT.clone(), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(999)
-    b = d.ddim_sample_loop(model, xT.shape, noise=xT.clone(), eta=0.0, generator=torch.Generator().manual_seed(2))
+    b = ddim0.sample(d, model, noise=xT.clone(), generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     assert not torch.allclose(a, xT)
     # with eta = 1 the generator matters
-    c = d.ddim_sample_loop(model, xT.shape, noise=xT.clone(), eta=1.0, generator=torch.Generator().manual_seed(1))
-    e = d.ddim_sample_loop(model, xT.shape, noise=xT.clone(), eta=1.0, generator=torch.Generator().manual_seed(2))
+    c = ddim1.sample(d, model, noise=xT.clone(), generator=torch.Generator().manual_seed(1))
+    e = ddim1.sample(d, model, noise=xT.clone(), generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(c, e)
 
 
@@ -779,17 +780,18 @@ def test_ancestral_sampling_generator_reproducibility():
     d = GaussianDiffusion(get_named_beta_schedule("cosine", T), model_var_type="learned_range", loss_type="hybrid")
     model = ToyModel(1, learned=True, seed=73)
     shape = (3, 1, 4, 4)
-    a = d.p_sample_loop(model, shape, generator=torch.Generator().manual_seed(5))
+    ddpm = Sampler("ddpm", None)
+    a = ddpm.sample(d, model, shape, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(1234)  # the global RNG must not matter
-    b = d.p_sample_loop(model, shape, generator=torch.Generator().manual_seed(5))
-    c = d.p_sample_loop(model, shape, generator=torch.Generator().manual_seed(6))
+    b = ddpm.sample(d, model, shape, generator=torch.Generator().manual_seed(5))
+    c = ddpm.sample(d, model, shape, generator=torch.Generator().manual_seed(6))
     assert a.shape == shape
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     # same x_T, different generator: the per-step noise differs
     xT = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-    e = d.p_sample_loop(model, shape, noise=xT.clone(), generator=torch.Generator().manual_seed(8))
-    f = d.p_sample_loop(model, shape, noise=xT.clone(), generator=torch.Generator().manual_seed(9))
+    e = ddpm.sample(d, model, noise=xT.clone(), generator=torch.Generator().manual_seed(8))
+    f = ddpm.sample(d, model, noise=xT.clone(), generator=torch.Generator().manual_seed(9))
     assert not torch.allclose(e, f)
 
 
@@ -805,8 +807,8 @@ def test_samplers_recover_x0_with_perfect_model(respace):
     x0 = grid_image((2, 1, 4, 4), 81)
     abar = np.cumprod(1 - betas)
     xT = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(82), dtype=F64)
-    ddim = d.ddim_sample_loop(PerfectModel(x0, abar), x0.shape, noise=xT.clone(), eta=0.0)
-    anc = d.p_sample_loop(PerfectModel(x0, abar), x0.shape, noise=xT.clone(), generator=torch.Generator().manual_seed(3))
+    ddim = Sampler("ddim", None, eta=0.0).sample(d, PerfectModel(x0, abar), noise=xT.clone())
+    anc = Sampler("ddpm", None).sample(d, PerfectModel(x0, abar), noise=xT.clone(), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(ddim, x0, rtol=0, atol=1e-8)
     torch.testing.assert_close(anc, x0, rtol=0, atol=1e-8)
 
@@ -823,7 +825,7 @@ def test_ddim_two_step_closed_form(clip):
     assert d.timestep_map.tolist() == [0, T - 1]
     model = ToyModel(1, learned=False, seed=91)
     xT = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(92), dtype=F64) * 0.6
-    got = d.ddim_sample_loop(model, xT.shape, noise=xT.clone(), eta=0.0, clip_denoised=clip)
+    got = Sampler("ddim", None, eta=0.0, clip=clip).sample(d, model, noise=xT.clone())
     abar = np.cumprod(1 - betas)
     aT, a0 = abar[T - 1], abar[0]
     x = np_(xT)
@@ -866,8 +868,8 @@ def test_float32_in_float32_out():
         assert v.dtype == torch.float32, k
     for k, v in d.calc_bpd_loop(model, x0, generator=g).items():
         assert v.dtype == torch.float32, k
-    assert d.p_sample_loop(model, (2, 1, 4, 4), noise=noise.clone(), generator=g).dtype == torch.float32
-    assert d.ddim_sample_loop(model, (2, 1, 4, 4), noise=noise.clone()).dtype == torch.float32
+    assert Sampler("ddpm", None).sample(d, model, noise=noise.clone(), generator=g).dtype == torch.float32
+    assert Sampler("ddim", None).sample(d, model, noise=noise.clone()).dtype == torch.float32
     # and float32 results agree with the float64 route to float32 precision
     terms32 = d.training_losses(model, x0, t, noise=noise)
     terms64 = d.training_losses(model, x0.double(), t, noise=noise.double())

@@ -1,4 +1,4 @@
-"""A 2-process DDP (gloo, CPU) run of the importance sampler; rank 1's last batch is short.
+"""A 2-process DDP (gloo, CPU) run of ``ImportanceSampling``; rank 1's last batch is short.
 
     python tests/scripts/ddp_importance.py OUT_DIR
 
@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from iddpm_lightning.callbacks import ImportanceSampler
+from iddpm_lightning.callbacks import ImportanceSampling
 from iddpm_lightning.module import IDDPM
 from iddpm_lightning.unet import UNetConfig
 
@@ -43,12 +43,12 @@ class Recorder(Callback):
 
 def main(out_dir: Path) -> None:
     model = IDDPM(image_size=8, in_channels=1, unet=TINY_UNET, timesteps=12, loss_type="vlb")
-    sampler, recorder = ImportanceSampler(history_per_term=3), Recorder()
+    callback, recorder = ImportanceSampling(history_per_term=3), Recorder()
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS, use_distributed_sampler=False,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, callbacks=[recorder, sampler])
+                      enable_model_summary=False, limit_val_batches=0, callbacks=[recorder, callback])
     trainer.fit(model, datamodule=PerRankData())
-    r = sampler.resampler
+    r = callback.history
     torch.save({"steps": recorder.steps, "loss_history": r.loss_history.cpu(), "loss_counts": r.loss_counts.cpu(),
                 "probs": r.probs().cpu()}, out_dir / f"rank{trainer.global_rank}.pt")
 

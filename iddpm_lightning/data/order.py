@@ -1,10 +1,10 @@
 """Exact resume of the training data: which images each step sees is drawn from (seed, epoch)
 alone, and the position within the epoch is part of every checkpoint.
 
-``EpochShuffleSampler`` draws each epoch's order and random flips in the main process (so
+``EpochOrder`` draws each epoch's order and random flips in the main process (so
 loader workers draw nothing), and ``ResumableLoader`` (torchdata's ``StatefulDataLoader``,
 whose state Lightning saves) restores a run through the sampler alone, with any
-``num_workers``. The data modules (data.py) build them for their training loaders.
+``num_workers``. ``ImageDataModule`` (base.py) builds them for every training loader.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .errors import ConfigError
-from .rng import derive_seed
+from ..errors import ConfigError
+from ..rng import derive_seed
 
 # torchdata 0.11 calls a torch API that torch 2.14 deprecates, once per loader: noise only.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -31,7 +31,7 @@ def unpack(key: Key) -> tuple[int, bool]:
 
 
 
-class EpochShuffleSampler(DistributedSampler):
+class EpochOrder(DistributedSampler):
     """This rank's share of a fresh permutation every epoch, drawn from (seed, epoch) alone, and
     optionally a fair coin per image for a left-right flip (the keys are then ``(index, flip)``).
 
@@ -85,7 +85,7 @@ class EpochShuffleSampler(DistributedSampler):
 
 
 def _find_sampler_state(state: Any) -> Optional[dict]:
-    """The EpochShuffleSampler state ({epoch, yielded}) inside a StatefulDataLoader state, whose
+    """The EpochOrder state ({epoch, yielded}) inside a StatefulDataLoader state, whose
     layout depends on the number of workers that saved it."""
     if isinstance(state, dict):
         if "sampler_state" in state and isinstance(state["sampler_state"], dict) and "epoch" in state["sampler_state"]:

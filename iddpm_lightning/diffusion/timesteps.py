@@ -1,6 +1,6 @@
-"""Timestep samplers: which t each training example gets, and its loss weight.
+"""Timestep distributions: which t each training example gets, and its loss weight.
 
-A sampler returns ``(t, weights)`` with E[weights · L_t] = (1/T) Σ_t L_t, so that the
+A distribution draws ``(t, weights)`` with E[weights · L_t] = (1/T) Σ_t L_t, so that the
 weighted loss stays an unbiased estimate of the uniform-t objective.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 
 
-class UniformSampler:
+class UniformTimesteps:
     """t ~ U{0, ..., T-1}, every weight 1."""
 
     def __init__(self, num_timesteps: int):
         self.num_timesteps = num_timesteps
 
-    def sample(
+    def draw(
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(t [B] long, weights [B] float32) on ``device``."""
@@ -23,12 +23,12 @@ class UniformSampler:
         return t, torch.ones(batch_size, device=device)
 
 
-class TimestepSampler(UniformSampler):
-    """The training step's sampler of t: uniform (exactly ``UniformSampler``) until it is given a
-    distribution p_t with ``set_probs``, then t ~ p_t with weight 1 / (T p_t).
+class TimestepDistribution(UniformTimesteps):
+    """The training step's distribution of t: uniform (exactly ``UniformTimesteps``) until it is given
+    a distribution p_t with ``set_probs``, then t ~ p_t with weight 1 / (T p_t).
 
-    The module owns it and only asks it for ``(t, weights)``; a callback that learns p_t (the
-    importance sampler) hands each new distribution to it, and ``set_probs(None)`` returns to
+    The module owns it and only asks it for ``(t, weights)``; a callback that learns p_t
+    (``ImportanceSampling``) hands each new distribution to it, and ``set_probs(None)`` returns to
     uniform. It holds no state worth saving: whoever computes p_t checkpoints what p_t comes from.
     """
 
@@ -41,24 +41,24 @@ class TimestepSampler(UniformSampler):
             raise ValueError(f"p_t has shape {tuple(probs.shape)}, not ({self.num_timesteps},)")
         self.probs = probs
 
-    def sample(
+    def draw(
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(t [B] long, weights [B] float32) on ``device``."""
         if self.probs is None:
-            return super().sample(batch_size, device, generator)
-        return sample_from(self.probs.to(device), batch_size, generator)
+            return super().draw(batch_size, device, generator)
+        return draw_timesteps(self.probs.to(device), batch_size, generator)
 
 
-def sample_from(p: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
+def draw_timesteps(p: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
     """t ~ p (p [T] float64) with weights 1 / (T p_t): (t [B] long, weights [B] float32)."""
     t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
     weights = 1.0 / (len(p) * p[t])
     return t, weights.float()
 
 
-class LossSecondMomentResampler:
-    """Importance sampling of t for L_vlb (the paper's eq. 18, §3.3).
+class LossSecondMoment:
+    """The loss-second-moment distribution of t for L_vlb (the paper's importance sampling, eq. 18, §3.3).
 
     p_t ∝ √E[L_t²], estimated from the newest ``history_per_term`` (H) losses of each
     timestep, mixed with ``uniform_prob`` of the uniform distribution; uniform until every
@@ -80,7 +80,7 @@ class LossSecondMomentResampler:
         self.load(torch.zeros(num_timesteps, history_per_term, dtype=torch.float64),
                   torch.zeros(num_timesteps, dtype=torch.long))
 
-    def to(self, device: torch.device | str) -> "LossSecondMomentResampler":
+    def to(self, device: torch.device | str) -> "LossSecondMoment":
         self._ring, self._written, self._sumsq = (x.to(device) for x in (self._ring, self._written, self._sumsq))
         return self
 
@@ -118,11 +118,11 @@ class LossSecondMomentResampler:
         use = self.warmed_up() & (total > 0)
         return torch.where(use, p, torch.full_like(p, 1.0 / T))
 
-    def sample(
+    def draw(
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(t [B] long, weights [B] float32 = 1 / (T p_t)) on ``device``."""
-        return sample_from(self.to(device).probs(), batch_size, generator)
+        return draw_timesteps(self.to(device).probs(), batch_size, generator)
 
     def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
         """Append ``losses`` [N] at ``timesteps`` [N] to the histories, in order.

@@ -1,10 +1,10 @@
 """Importance-sampled L_vlb (§3.3): a Callback that keeps the loss history of every
 timestep, identical on every rank, and samples t from it.
 
-Per step the module draws ``(t, weights)`` from its own ``timestep_sampler``; after the
+Per step the module draws ``(t, weights)`` from its own ``timesteps`` distribution; after the
 step this callback gathers every rank's ``timesteps`` and unweighted ``losses`` (the step's
 outputs) with ONE ``all_gather``, appends them, in rank order, to the history, and hands the
-new p_t to the module's sampler (``set_probs``). Every rank applies the same update to the
+new p_t to the module's distribution (``set_probs``). Every rank applies the same update to the
 same data, so all ranks hold the same distribution.
 """
 
@@ -15,12 +15,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..diffusion.resample import LossSecondMomentResampler
+from ..diffusion.timesteps import LossSecondMoment
 from ..errors import ConfigError
 from ..settings import ClosedUnitInterval, NonNegativeInt, PositiveInt, check_args
 
 
-class ImportanceSampler(Callback):
+class ImportanceSampling(Callback):
     """Sample t with p_t ∝ √E[L_t²] (the paper's eq. 18) and weight each loss by 1/(T p_t).
 
     Made for ``loss_type: vlb``, whose terms differ by orders of magnitude across t. It also
@@ -39,31 +39,31 @@ class ImportanceSampler(Callback):
         uniform_prob: ClosedUnitInterval = 0.001,
         plot_every_n_steps: NonNegativeInt = 0,
     ):
-        check_args("ImportanceSampler ", ImportanceSampler.__init__, locals())
+        check_args("ImportanceSampling ", ImportanceSampling.__init__, locals())
         self.history_per_term = history_per_term
         self.uniform_prob = uniform_prob
         self.plot_every_n_steps = plot_every_n_steps
-        self.resampler: LossSecondMomentResampler | None = None
+        self.history: LossSecondMoment | None = None
         self._pending_state: dict | None = None
 
-    # --------------------------------------------------------------- the sampler
+    # -------------------------------------------------------- the distribution
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.resampler is None:
+        if self.history is None:
             T = pl_module.diffusion.num_timesteps
-            self.resampler = LossSecondMomentResampler(T, self.history_per_term, self.uniform_prob)
+            self.history = LossSecondMoment(T, self.history_per_term, self.uniform_prob)
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
-        pl_module.timestep_sampler.set_probs(self.resampler.probs())  # uniform until every t has its history
+        pl_module.timestep_distribution.set_probs(self.history.probs())  # uniform until every t has its history
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The history lives where the losses are (restored from a checkpoint on the CPU): updates need no sync.
-        self.resampler.to(pl_module.device)
-        pl_module.timestep_sampler.set_probs(self.resampler.probs())
+        self.history.to(pl_module.device)
+        pl_module.timestep_distribution.set_probs(self.history.probs())
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        pl_module.timestep_sampler.set_probs(None)
+        pl_module.timestep_distribution.set_probs(None)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
         t, losses = outputs["timesteps"], outputs["losses"]
@@ -75,8 +75,8 @@ class ImportanceSampler(Callback):
         local[: len(t), 1] = losses.to(torch.float64)
         gathered = trainer.strategy.all_gather(local).reshape(-1, 2)  # (world · capacity, 2), rank-major
         valid = gathered[:, 0] >= 0
-        self.resampler.update(gathered[valid, 0].long(), gathered[valid, 1])
-        pl_module.timestep_sampler.set_probs(self.resampler.probs())
+        self.history.update(gathered[valid, 0].long(), gathered[valid, 1])
+        pl_module.timestep_distribution.set_probs(self.history.probs())
         self._log(pl_module)
         if self.plot_every_n_steps and trainer.global_step % self.plot_every_n_steps == 0:
             self._plot(trainer)
@@ -88,7 +88,7 @@ class ImportanceSampler(Callback):
         capacity = getattr(loader, "batch_size", None)
         if capacity is None or batch_size > capacity:
             raise ConfigError(
-                "ImportanceSampler needs a training DataLoader with a fixed batch_size (it pads every "
+                "ImportanceSampling needs a training DataLoader with a fixed batch_size (it pads every "
                 "rank's batch to it before the all_gather); build the loader with batch_size=..."
             )
         return capacity
@@ -96,7 +96,7 @@ class ImportanceSampler(Callback):
     # ------------------------------------------------------------------ logging
 
     def _log(self, pl_module: LightningModule) -> None:
-        r = self.resampler
+        r = self.history
         p = r.probs()
         entropy = -(p * p.log()).sum()
         pl_module.log_dict({
@@ -106,7 +106,7 @@ class ImportanceSampler(Callback):
         }, on_step=True, on_epoch=False)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.resampler is not None and not trainer.sanity_checking:
+        if self.history is not None and not trainer.sanity_checking:
             self._plot(trainer)
 
     @rank_zero_only
@@ -119,7 +119,7 @@ class ImportanceSampler(Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        p = self.resampler.probs().cpu().numpy()
+        p = self.history.probs().cpu().numpy()
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(p)
         ax.set(yscale="log", xlabel="timestep t", ylabel="$p_t$",
@@ -131,8 +131,12 @@ class ImportanceSampler(Callback):
 
     # ------------------------------------------------------------- checkpoints
 
+    @property
+    def state_key(self) -> str:
+        return "ImportanceSampler"  # its name before the rename: older checkpoints resume with their history
+
     def state_dict(self) -> dict:
-        r = self.resampler
+        r = self.history
         if r is None:
             return {}
         return {"num_timesteps": r.num_timesteps, "history_per_term": r.history_per_term,
@@ -141,16 +145,16 @@ class ImportanceSampler(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return
-        if self.resampler is None:  # loaded before setup: restore there
+        if self.history is None:  # loaded before setup: restore there
             self._pending_state = state_dict
         else:
             self._restore(state_dict)
 
     def _restore(self, state: dict) -> None:
-        r = self.resampler
+        r = self.history
         if state["num_timesteps"] != r.num_timesteps or state["history_per_term"] != r.history_per_term:
             raise ConfigError(
-                f"the checkpoint's ImportanceSampler history has T = {state['num_timesteps']} and "
+                f"the checkpoint's ImportanceSampling history has T = {state['num_timesteps']} and "
                 f"{state['history_per_term']} losses per timestep, but this run has T = {r.num_timesteps} and "
                 f"{r.history_per_term}; resume with the settings the checkpoint was trained with"
             )

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from iddpm_lightning.callbacks.nll import BitsPerDim
+from iddpm_lightning.callbacks import BitsPerDim
 from iddpm_lightning.diffusion.gaussian import log_strata
 from iddpm_lightning.diffusion import GaussianDiffusion, get_named_beta_schedule
 from iddpm_lightning.errors import ConfigError
@@ -27,6 +27,7 @@ from iddpm_lightning.rng import seeded_generator
 from .conftest import TINY_UNET
 
 F64 = torch.float64
+
 
 
 def diffusion(T: int) -> GaussianDiffusion:

@@ -11,7 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
-from ..settings import NonNegativeInt, PositiveInt, Sampler, SampleSteps, SolverOrder, check_args
+from ..diffusion import Sampler
+from ..settings import NonNegativeInt, PositiveInt, check_args
 
 
 class SampleGrid(Callback):
@@ -21,33 +22,19 @@ class SampleGrid(Callback):
 
     Args:
         every_n_steps: Optimizer steps between grids.
-        num_samples: Images in the grid.
-        sample_steps: Respaced sampling steps (e.g. 100, "10,15,25", "ddim50"); null: all T.
-        sampler: ``ddpm`` (ancestral), ``ddim`` or ``dpm_solver`` (with a step count, 10-25).
+        num_samples: Images in the grid (a class-conditional model draws image i with class i mod K).
+        sampler: How the grid is drawn (``diffusion.samplers``).
         seed: Seed of the fixed noise (a non-negative integer).
-        solver_order: DPM-Solver++'s order (``dpm_solver`` only).
     """
 
-    def __init__(
-        self,
-        every_n_steps: PositiveInt = 500,
-        num_samples: PositiveInt = 64,
-        sample_steps: SampleSteps = 100,
-        sampler: Sampler = "ddpm",
-        seed: NonNegativeInt = 0,
-        solver_order: SolverOrder = 2,
-    ):
+    def __init__(self, every_n_steps: PositiveInt = 500, num_samples: PositiveInt = 64, sampler: Sampler = Sampler(),
+                 seed: NonNegativeInt = 0):
         check_args("SampleGrid ", SampleGrid.__init__, locals())
-        self.every_n_steps = every_n_steps
-        self.num_samples = num_samples
-        self.sample_steps = sample_steps
-        self.sampler = sampler
-        self.seed = seed
-        self.solver_order = solver_order
+        self.every_n_steps, self.num_samples, self.sampler, self.seed = every_n_steps, num_samples, sampler, seed
         self._last_step = -1
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        pl_module.check_sampling(self.sample_steps, self.sampler)  # bad steps fail now, not after training
+        self.sampler.timesteps(pl_module.diffusion)  # bad steps fail now, not after training
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int):
         if trainer.fast_dev_run:
@@ -65,8 +52,7 @@ class SampleGrid(Callback):
     @rank_zero_only
     def log_grid(self, trainer: Trainer, pl_module: LightningModule) -> Path:
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        x = pl_module.sample(self.num_samples, self.sample_steps, self.sampler, generator=generator,
-                             solver_order=self.solver_order)
+        x = pl_module.sample(self.sampler, self.num_samples, generator=generator)
         # Small images (8x8 digits) are enlarged, pixel for pixel, to be visible.
         scale = max(1, 32 // x.shape[-1])
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
