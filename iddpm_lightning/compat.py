@@ -4,8 +4,8 @@ can take its weights.
 A checkpoint is read with ``torch.load(weights_only=True)``, so it may hold only tensors and
 plain data (``plain``). Its ``hyper_parameters`` are the model's structural settings (the
 UNet's ``unet`` dict, the diffusion's, the data's image shape); how a model is run
-(``compile``, ``channels_last``, ``gradient_checkpointing``, ``bpd_batch_size``, ``eval_with_ema``) is not saved, so it
-always comes from the config and command line.
+(``compile``, ``channels_last``, ``gradient_checkpointing``, ``bpd_batch_size``, ``eval_with_ema``,
+``test_strata``) is not saved, so it always comes from the config and command line.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from .errors import ConfigError
 # What a model is: a checkpoint with other values cannot load into it (dropout and the
 # attention heads can change, e.g. to fine-tune: the weights keep their shapes).
 STRUCTURE = ("in_channels", "image_size", "class_cond", "num_classes", "timesteps", "noise_schedule",
-             "model_var_type", "unet.block_out_channels", "unet.layers_per_block", "unet.attention_resolutions",
-             "unet.mid_attention_norm")
+             "model_var_type", "rescale_timesteps", "unet.block_out_channels", "unet.layers_per_block",
+             "unet.attention_resolutions", "unet.mid_attention_norm", "unet.use_scale_shift_norm")
 
 # How to run a model, not what it is: not saved with the hyperparameters, so a checkpoint
 # never overrides them (``--ckpt_path`` takes them from the config and command line).
-RUNTIME = ("eval_with_ema", "bpd_batch_size", "channels_last", "compile", "gradient_checkpointing")
+RUNTIME = ("eval_with_ema", "bpd_batch_size", "test_strata", "channels_last", "compile", "gradient_checkpointing")
 
 # The flat UNet keys of checkpoints written before UNetConfig (iddpm_lightning 0.1).
 _FLAT_UNET_KEYS = ("block_out_channels", "layers_per_block", "attention_resolutions", "attention_head_dim", "dropout")
@@ -56,13 +56,43 @@ def legacy_unet(unet: dict) -> dict:
     return {"mid_attention_norm": False, **unet}
 
 
+def legacy(hparams: dict) -> dict:
+    """A checkpoint's hyperparameters with the value each model setting added since had before it
+    existed: the UNet's (``legacy_unet``), and t passed to the UNet unscaled (``rescale_timesteps``)."""
+    hparams = {"rescale_timesteps": False, **hparams}
+    if isinstance(hparams.get("unet"), dict):
+        hparams["unet"] = legacy_unet(hparams["unet"])
+    return hparams
+
+
+class CheckpointCompat:
+    """The LightningModule's checkpoint hooks: checkpoints hold plain types only, a checkpoint of
+    another model is refused before its weights meet a size mismatch, and an older checkpoint is
+    rebuilt as it was trained (``legacy``: jsonargparse would give a missing setting today's default)."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        plain(checkpoint)  # callback states and data module settings too
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_compatible(checkpoint.get("hyper_parameters", {}), self.hparams)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        if isinstance(checkpoint_path, (str, Path)):
+            import torch
+
+            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+            old = legacy(saved.get("hyper_parameters", {}))
+            kwargs = {**{k: old[k] for k in ("unet", "rescale_timesteps") if k in old}, **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+
 def check_compatible(saved: dict, hparams: dict) -> None:
     """Raise a ConfigError naming every structural setting in which a checkpoint's
     hyperparameters ``saved`` differ from the model's ``hparams``."""
-    saved = dict(saved)
-    if isinstance(saved.get("unet"), dict):
-        saved["unet"] = legacy_unet(saved["unet"])
-    saved, hparams = flat(plain(saved)), flat(plain(dict(hparams)))
+    if not saved:  # no checkpoint, or one without hyperparameters: nothing to compare
+        return
+    saved, hparams = flat(plain(legacy(dict(saved)))), flat(plain(dict(hparams)))
     differ = [f"{k}={saved[k]!r} (here {hparams[k]!r})" for k in STRUCTURE
               if k in saved and k in hparams and saved[k] != hparams[k]
               and (k != "num_classes" or hparams.get("class_cond"))]

@@ -11,13 +11,12 @@ EMA weights unless ``eval_with_ema`` is false. Around the steps: callbacks; how 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from .compat import RUNTIME, check_compatible, legacy_unet, plain
+from .compat import RUNTIME, CheckpointCompat, legacy_unet, plain
 from .data import to_uint8
 from .diffusion import BPD_MAX_BATCH, GaussianDiffusion, Sampler, TimestepDistribution, UniformTimesteps
 from .diffusion.schedules import get_named_beta_schedule
@@ -35,7 +34,7 @@ __all__ = ["IDDPM"]
 _DROPOUT, _VAL, _TEST = 1, 10**9, 2 * 10**9
 
 
-class IDDPM(LightningModule):
+class IDDPM(CheckpointCompat, LightningModule):
     """Improved DDPM (Nichol & Dhariwal 2021) on a diffusers ``UNet2DModel``.
 
     Args:
@@ -47,6 +46,8 @@ class IDDPM(LightningModule):
         noise_schedule: The β schedule (§3.2): ``cosine`` or ``linear``.
         model_var_type: The reverse variance: ``learned_range`` (§3.1) or a fixed one.
         loss_type: ``hybrid`` (L_simple + λ L_vlb), ``vlb`` or ``simple``.
+        rescale_timesteps: The UNet sees t·1000/T (a float) instead of t, as the paper's released
+            models do (improved-diffusion's ``rescale_timesteps``); part of what the model is.
         lr, weight_decay: AdamW's (the paper: 1e-4 and 0).
         warmup_steps: Linear learning-rate warm-up over this many optimizer steps (0: none).
         ema_decay: Decay of the exponential moving average of the weights.
@@ -57,6 +58,8 @@ class IDDPM(LightningModule):
         eval_with_ema: Run-time: validate, test and sample with the EMA weights (else the raw ones).
         bpd_batch_size: Run-time: model inputs per forward pass when evaluating bits/dim: k =
             ``bpd_batch_size // B`` timesteps of the same B images share a call (no number changes).
+        test_strata: Run-time: ``test`` estimates bits/dim with the unbiased stratified estimate of
+            2·K model calls per image (K strata) and its standard error, instead of the exact T calls.
         channels_last: Run-time: run the UNets in channels-last memory format.
         compile: Run-time: ``torch.compile`` the UNets. With dropout, compiled training draws other
             masks than eager (inductor's streams): keep it unchanged across a resume.
@@ -75,6 +78,7 @@ class IDDPM(LightningModule):
         noise_schedule: NoiseSchedule = "cosine",
         model_var_type: VarianceType = "learned_range",
         loss_type: LossType = "hybrid",
+        rescale_timesteps: bool = False,
         lr: PositiveFloat = 1e-4,
         weight_decay: NonNegativeFloat = 0.0,
         warmup_steps: NonNegativeInt = 0,
@@ -83,6 +87,7 @@ class IDDPM(LightningModule):
         seed: NonNegativeInt = 0,
         eval_with_ema: bool = True,
         bpd_batch_size: PositiveInt = BPD_MAX_BATCH,
+        test_strata: PositiveInt | None = None,
         channels_last: bool = False,
         compile: bool = False,
         gradient_checkpointing: bool = False,
@@ -105,6 +110,7 @@ class IDDPM(LightningModule):
         if class_cond and num_classes < 1:
             raise ConfigError("model.class_cond is true but the data has no class labels; set class_cond: false")
         self.eval_with_ema, self.bpd_batch_size, self.channels_last = eval_with_ema, bpd_batch_size, channels_last
+        self.test_strata = test_strata
 
         out_channels = 2 * in_channels if model_var_type == "learned_range" else in_channels
         self.unet = build_unet(unet, image_size, in_channels, out_channels, num_classes if class_cond else None)
@@ -136,31 +142,14 @@ class IDDPM(LightningModule):
         the labels k times."""
         labels = labels if self.hparams.class_cond else None
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        scale = 1000.0 / self.hparams.timesteps if self.hparams.rescale_timesteps else None
 
         def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             y = labels if labels is None or len(labels) == len(x_t) else labels.repeat(len(x_t) // len(labels))
+            t = t if scale is None else t.float() * scale  # the official _scale_timesteps, to the float32 bit
             return unet(x_t.contiguous(memory_format=memory_format), t, class_labels=y).sample
 
         return model
-
-    # ------------------------------------------------------------- checkpoints
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        plain(checkpoint)  # callback states and data module settings too
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's, with an older checkpoint's UNet built as it was trained (``compat.legacy_unet``)."""
-        if "unet" not in kwargs and isinstance(checkpoint_path, (str, Path)):
-            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-            unet = saved.get("hyper_parameters", {}).get("unet")
-            if isinstance(unet, dict):
-                kwargs["unet"] = legacy_unet(unet)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another model before its weights meet a size mismatch."""
-        check_compatible(checkpoint.get("hyper_parameters", {}), self.hparams)
 
     # ----------------------------------------------------------- train and val
 
@@ -240,22 +229,30 @@ class IDDPM(LightningModule):
     # -------------------------------------------------------------------- test
 
     def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Exact bits/dim: ``calc_bpd_loop`` over all T steps with the eval weights. Returns its
-        output (total_bpd, prior_bpd [B]; vb, mse [B, T]) for the test report."""
+        """Bits/dim with the eval weights: exact (``calc_bpd_loop``, T calls an image; total_bpd,
+        prior_bpd [B], vb, mse [B, T]) or, with ``test_strata``, ``stratified_bpd`` (total_bpd, variance,
+        prior_bpd [B]); returned for the test report."""
         x_start, labels = batch
         g = seeded_generator(self.device, self.hparams.seed, self.global_rank, _TEST + batch_idx)
         progress = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+        model, x_start = self.model_fn(self.eval_unet, labels), x_start.float()
         # In float32 whatever trainer.precision: a likelihood must not depend on the precision a run used.
         with torch.autocast(self.device.type, enabled=False):
-            out = self.diffusion.calc_bpd_loop(self.model_fn(self.eval_unet, labels), x_start.float(), generator=g,
-                                               progress=progress, max_batch=self.bpd_batch_size)
-        self.test_bpd.update(out["total_bpd"])
-        self.test_prior_bpd.update(out["prior_bpd"])
-        self.test_decoder_bpd.update(out["vb"][:, 0])
-        self.test_kl_bpd.update(out["vb"][:, 1:].sum(dim=1))
-        self.log_dict({"test/bpd": self.test_bpd, "test/prior_bpd": self.test_prior_bpd,
-                       "test/decoder_bpd": self.test_decoder_bpd, "test/kl_bpd": self.test_kl_bpd},
-                      on_step=False, on_epoch=True, batch_size=x_start.shape[0])
+            if self.test_strata:  # 2K calls an image; no per-timestep terms
+                out = self.diffusion.stratified_bpd(model, x_start, self.test_strata, generator=g,
+                                                    max_batch=self.bpd_batch_size)
+            else:
+                out = self.diffusion.calc_bpd_loop(model, x_start, generator=g, progress=progress,
+                                                   max_batch=self.bpd_batch_size)
+        metrics = {"test/bpd": (self.test_bpd, out["total_bpd"]),
+                   "test/prior_bpd": (self.test_prior_bpd, out["prior_bpd"])}
+        if "vb" in out:
+            metrics |= {"test/decoder_bpd": (self.test_decoder_bpd, out["vb"][:, 0]),
+                        "test/kl_bpd": (self.test_kl_bpd, out["vb"][:, 1:].sum(dim=1))}
+        for metric, value in metrics.values():
+            metric.update(value)
+        self.log_dict({name: metric for name, (metric, _) in metrics.items()}, on_step=False, on_epoch=True,
+                      batch_size=x_start.shape[0])
         return out
 
     # ---------------------------------------------------------------- sampling

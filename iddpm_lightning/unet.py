@@ -3,11 +3,13 @@ diffusers' ``UNet2DModel`` built from it like the paper's model (improved-diffus
 
 Made to match the paper's UNet:
 - residual blocks take the timestep embedding as a scale and shift of their second group norm
-  (``use_scale_shift_norm``): ``resnet_time_scale_shift="scale_shift"``;
+  (``use_scale_shift_norm``): ``resnet_time_scale_shift="scale_shift"``; without it (the paper's
+  LSUN models) the embedding is added to the hidden state before that norm: ``"default"``;
 - every attention layer, the middle block's too, normalises its input with a 32-group norm first
   (diffusers leaves the middle block's out under ``scale_shift`` unless ``attn_norm_num_groups``
   is given);
-- 4 heads in every attention layer (``num_heads``), whatever its width;
+- 4 heads in every attention layer (``num_heads``), whatever its width; the up path's layers may
+  have another count (``num_heads_upsample``), the middle block has ``num_heads``;
 - the last convolution of every residual block, the output projection of every attention layer
   and the output convolution start at zero (the paper's ``zero_module``), so that each block
   starts as the identity and the model's first output is 0.
@@ -21,11 +23,11 @@ other weight with PyTorch's default initialisation, as in the paper's code.
 
 What still differs: the attention's query, key and value are three linear maps where the paper
 has one 1x1 convolution into 3x the channels (the same function class, drawn from the same
-initial distribution, but other parameter names); and when
-the attention layers have different widths (the ImageNet-64 model: 256, 384 and 512 channels),
-4 heads means other channels per head in each, which diffusers' config cannot say (it has one
-``attention_head_dim``): the heads are then set on the built layers, and ``export`` refuses
-such a model.
+initial distribution, but other parameter names; ``official/`` converts the paper's released
+weights); and when the attention layers differ in channels per head (4 heads on the ImageNet-64
+model's 256, 384 and 512 channels, or an up path with other heads than the down path), diffusers'
+config cannot say so (it has one ``attention_head_dim``): the heads are then set on the built
+layers, and ``export`` refuses such a model.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class UNetConfig:
             ``attention_head_dim`` is set.
         mid_attention_norm: Group-normalise the middle block's attention input, as the
             paper; false builds the UNet of checkpoints written before this setting existed.
+        use_scale_shift_norm: Residual blocks apply the timestep embedding as a scale and shift
+            of their second group norm, GN(h)·(1 + s) + b (the paper's default); false adds it to
+            the hidden state before that norm, h + e (the paper's LSUN models).
+        num_heads_upsample: Heads of the up path's attention layers; null: ``num_heads`` (the
+            paper's -1). Unused with ``attention_head_dim``.
     """
 
     block_out_channels: list[PositiveInt] = field(default_factory=lambda: [128, 256, 256, 256])
@@ -68,6 +75,8 @@ class UNetConfig:
     dropout: UnitIntervalOpenRight = 0.0
     num_heads: PositiveInt = 4
     mid_attention_norm: bool = True
+    use_scale_shift_norm: bool = True
+    num_heads_upsample: PositiveInt | None = None
 
     def __post_init__(self) -> None:
         check_args("model.unet.", UNetConfig, vars(self))
@@ -110,8 +119,16 @@ def build_unet(
             f"works at (its levels are at {resolutions} pixels); use some of {resolutions}, or [] for none"
         )
     attention = [r in attention_resolutions for r in resolutions]
-    widths = sorted({c for c, a in zip(block_out_channels, attention) if a} | {block_out_channels[-1]})
-    head_dims = {c: _head_dim(config, c) for c in widths}  # channels per head of each attention width
+    if not config.use_scale_shift_norm and not config.mid_attention_norm:
+        raise ConfigError(
+            "model.unet.mid_attention_norm=false exists only for the scale-shift UNet of old checkpoints (diffusers "
+            "always normalises the middle attention when use_scale_shift_norm is false); set mid_attention_norm: true"
+        )
+    # (width, up path?) of every kind of attention layer: the levels with attention on the way down,
+    # the middle block (num_heads, as the paper), the same levels on the way up (num_heads_upsample)
+    attended = [c for c, a in zip(block_out_channels, attention) if a]
+    layers = [(c, False) for c in attended + [block_out_channels[-1]]] + [(c, True) for c in attended]
+    head_dims = {layer: _head_dim(config, *layer) for layer in layers}  # channels per head
     uniform = len(set(head_dims.values())) == 1
     unet = UNet2DModel(
         sample_size=image_size,
@@ -123,23 +140,24 @@ def build_unet(
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         # one attention_head_dim for every layer, so heads = width // it: right for every layer
         # only when all have the same channels per head; else set per layer below
-        attention_head_dim=head_dims[widths[0]] if uniform else None,
+        attention_head_dim=head_dims[layers[0]] if uniform else None,
         attn_norm_num_groups=32 if config.mid_attention_norm else None,
         dropout=config.dropout,
-        resnet_time_scale_shift="scale_shift",
+        resnet_time_scale_shift="scale_shift" if config.use_scale_shift_norm else "default",
         num_class_embeds=num_class_embeds,
     )
-    for module in unet.modules():
-        if isinstance(module, Attention) and not uniform:
-            width = module.to_q.in_features
-            module.heads = module.sliceable_head_dim = width // head_dims[width]
-            module.scale = head_dims[width] ** -0.5
+    if not uniform:
+        for blocks, up in ((unet.down_blocks, False), ([unet.mid_block], False), (unet.up_blocks, True)):
+            for module in (m for block in blocks for m in block.modules() if isinstance(m, Attention)):
+                head_dim = head_dims[(module.to_q.in_features, up)]
+                module.heads = module.sliceable_head_dim = module.to_q.in_features // head_dim
+                module.scale = head_dim**-0.5
     zero_init_like_the_paper(unet)
     return unet
 
 
-def _head_dim(config: UNetConfig, width: int) -> int:
-    """Channels per head of an attention layer ``width`` channels wide."""
+def _head_dim(config: UNetConfig, width: int, up: bool = False) -> int:
+    """Channels per head of an attention layer ``width`` channels wide (of the up path if ``up``)."""
     if config.attention_head_dim is not None:
         if width < config.attention_head_dim:
             raise ConfigError(
@@ -148,12 +166,15 @@ def _head_dim(config: UNetConfig, width: int) -> int:
                 f"{width}"
             )
         return config.attention_head_dim
-    if width % config.num_heads != 0:
+    name, heads = "num_heads", config.num_heads
+    if up and config.num_heads_upsample is not None:
+        name, heads = "num_heads_upsample", config.num_heads_upsample
+    if width % heads != 0:
         raise ConfigError(
-            f"model.unet.num_heads={config.num_heads} does not divide the {width} channels of a level with attention "
-            f"or of the middle block; use a divisor of {width} such as 4"
+            f"model.unet.{name}={heads} does not divide the {width} channels of a level with attention"
+            f"{'' if up else ' or of the middle block'}; use a divisor of {width} such as 4"
         )
-    return width // config.num_heads
+    return width // heads
 
 
 @torch.no_grad()

@@ -206,7 +206,8 @@ def test_runtime_settings_are_not_hyperparameters_and_a_dict_unet_rebuilds_the_m
     assert not {"eval_with_ema", "bpd_batch_size", "channels_last", "compile", "gradient_checkpointing"} & set(model.hparams)
     assert model.hparams.unet == {"block_out_channels": [32], "layers_per_block": 1, "attention_resolutions": [],
                                   "attention_head_dim": 8, "dropout": 0.0, "num_heads": 4,
-                                  "mid_attention_norm": True}  # plain data, as a checkpoint holds it
+                                  "mid_attention_norm": True, "use_scale_shift_norm": True,
+                                  "num_heads_upsample": None}  # plain data, as a checkpoint holds it
     again = IDDPM(**model.hparams)  # what load_from_checkpoint and export do
     assert again.hparams == model.hparams and again.bpd_batch_size == 256 and not again.unet.is_gradient_checkpointing
     assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]

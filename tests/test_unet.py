@@ -106,7 +106,8 @@ def test_a_checkpoint_of_the_unet_without_the_middle_attention_norm_still_loads(
     old.ema_unet.load_state_dict(old.unet.state_dict())
     # as the CLI saves them: rebuilt through jsonargparse, which fills a missing key with its default
     hparams = {**old.hparams, "_instantiator": "lightning.pytorch.cli.instantiate_module"}
-    hparams["unet"] = {k: v for k, v in hparams["unet"].items() if k not in ("mid_attention_norm", "num_heads")}
+    hparams["unet"] = {k: v for k, v in hparams["unet"].items() if k not in (
+        "mid_attention_norm", "num_heads", "use_scale_shift_norm", "num_heads_upsample")}  # settings added since
     path = tmp_path / "old.ckpt"
     torch.save({"state_dict": old.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.6"},
                path)

@@ -1,26 +1,28 @@
-"""The ``test`` report: the exact bits/dim and its breakdown, written to ``{run_dir}/test/``.
-The CLI adds this callback to every ``test``."""
+"""The ``test`` report: the bits/dim and its breakdown (exact), or its standard error (stratified),
+written to ``{run_dir}/test/``. The CLI adds this callback to every ``test``."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-_SUMS = ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd")
+_SUMS = ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd", "variance")
 
 
 class BpdReport(Callback):
-    """Sums ``test_step``'s ``calc_bpd_loop`` output over every image of every rank (float64) and
-    writes, on rank 0:
+    """Sums ``test_step``'s output over every image of every rank (float64) and writes, on rank 0:
 
-    - ``test/bpd.json``: ``bpd`` = mean of L_T + Σ_t L_t, and its parts ``prior_bpd`` (L_T),
-      ``decoder_bpd`` (L_0) and ``kl_bpd`` (Σ_{t≥1} L_t), with ``num_images``;
-    - ``test/vb_curve.npz`` (``vb``, ``mse``: the per-timestep means [T], ``num_images``) and
-      ``test/vb_curve.png`` (mean L_t against t, as the paper's Fig. 2).
+    - exact (``calc_bpd_loop``): ``test/bpd.json``: ``bpd`` = mean of L_T + Σ_t L_t, and its parts
+      ``prior_bpd`` (L_T), ``decoder_bpd`` (L_0) and ``kl_bpd`` (Σ_{t≥1} L_t), with ``num_images``;
+      ``test/vb_curve.npz`` (``vb``, ``mse``: the per-timestep means [T], ``num_images``) and
+      ``test/vb_curve.png`` (mean L_t against t, as the paper's Fig. 2);
+    - stratified (``model.test_strata``): ``test/bpd.json``: ``bpd``, ``prior_bpd`` and ``bpd_se`` =
+      √(Σ variance) / N, the Monte-Carlo standard error of the mean (as ``BitsPerDim``'s).
     """
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -28,14 +30,17 @@ class BpdReport(Callback):
         self._sums = torch.zeros(len(_SUMS) + 1, dtype=torch.float64, device=pl_module.device)  # ..., count
         self._vb = torch.zeros(T, dtype=torch.float64, device=pl_module.device)
         self._mse = torch.zeros(T, dtype=torch.float64, device=pl_module.device)
+        self._stratified = bool(getattr(pl_module, "test_strata", None))
 
     def on_test_batch_end(self, trainer, pl_module, outputs: dict, batch, batch_idx: int, dataloader_idx: int = 0):
-        vb = outputs["vb"].double()  # (B, T)
-        parts = [outputs["total_bpd"].double(), outputs["prior_bpd"].double(), vb[:, 0], vb[:, 1:].sum(dim=1)]
-        self._sums += torch.stack([*(p.sum() for p in parts), torch.tensor(len(vb), dtype=torch.float64,
-                                                                            device=vb.device)])
+        total = outputs["total_bpd"].double()  # (B,)
+        vb = outputs["vb"].double() if "vb" in outputs else total.new_zeros(len(total), len(self._vb))  # (B, T)
+        variance = outputs["variance"].double() if "variance" in outputs else torch.zeros_like(total)
+        parts = [total, outputs["prior_bpd"].double(), vb[:, 0], vb[:, 1:].sum(dim=1), variance]
+        self._sums += torch.stack([*(p.sum() for p in parts), total.new_tensor(len(total))])
         self._vb += vb.sum(dim=0)
-        self._mse += outputs["mse"].double().sum(dim=0)
+        if "mse" in outputs:
+            self._mse += outputs["mse"].double().sum(dim=0)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # ONE collective: every sum over the ranks (each test image lives on one rank).
@@ -44,11 +49,21 @@ class BpdReport(Callback):
         sums, vb, mse = total[: len(_SUMS) + 1], total[len(_SUMS) + 1 : -T], total[-T:]
         count = int(sums[-1])
         if trainer.is_global_zero and count > 0:
-            summary = {name.replace("total_", ""): float(s / count) for name, s in zip(_SUMS, sums)}
+            summary = {name.replace("total_", ""): float(s / count) for name, s in zip(_SUMS[:4], sums)}
             summary["num_images"] = count
             # default_root_dir is the run directory; trainer.log_dir would broadcast, and this is rank 0 only.
-            self.write(Path(trainer.default_root_dir) / "test", summary, (vb / count).cpu().numpy(),
-                       (mse / count).cpu().numpy())
+            out_dir = Path(trainer.default_root_dir) / "test"
+            if self._stratified:
+                summary = {"bpd": summary["bpd"], "bpd_se": math.sqrt(float(sums[4])) / count,
+                           "prior_bpd": summary["prior_bpd"], "num_images": count,
+                           "estimate": f"stratified, {pl_module.test_strata} strata ({2 * pl_module.test_strata} "
+                                       f"model calls an image)"}
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / "bpd.json").write_text(json.dumps(summary, indent=2) + "\n")
+                print(f"Test bits/dim {summary['bpd']:.4f} ± {summary['bpd_se']:.4f} (stratified) over {count} images: "
+                      f"{out_dir / 'bpd.json'}")
+                return
+            self.write(out_dir, summary, (vb / count).cpu().numpy(), (mse / count).cpu().numpy())
 
     @staticmethod
     def write(out_dir: Path, summary: dict, vb: np.ndarray, mse: np.ndarray) -> None:
