@@ -1,7 +1,8 @@
 """``python -m iddpm_lightning {fit,validate,test,predict} --config FILE``,
 ``python -m iddpm_lightning evaluate --samples NPZ --reference CONFIG`` (sample quality,
-evaluation/evaluate.py) and ``python -m iddpm_lightning export --ckpt_path C --out DIR`` (a
-diffusers pipeline, export.py).
+evaluation/evaluate.py), ``python -m iddpm_lightning export --ckpt_path C --out DIR`` (a diffusers
+pipeline or the official layout, export.py) and ``python -m iddpm_lightning import MODEL.pt --flags
+"..." --out C`` (a checkpoint of the paper's code, official/).
 
 One run directory (``run_dir``) holds everything a run writes: TensorBoard logs, the
 config, ``checkpoints/`` (with ``last.ckpt``) and test outputs. It is fixed rather than
@@ -129,15 +130,16 @@ class IDDPMCLI(LightningCLI):
         """Parse, then check what the stock ``--ckpt_path`` handling (which rebuilds the model from
         the checkpoint's hyperparameters next) does not: ``last`` is this run's newest checkpoint; a
         missing, corrupt or unsafe file is one clear error; test and predict need one; ``fit``
-        continues with the checkpoint's seed; every configured model value the checkpoint
-        overrides is named."""
+        continues with the checkpoint's seed, or, from a checkpoint of weights alone (``import``'s,
+        a ``save_weights_only`` one), starts a new run from them; every configured model value the
+        checkpoint overrides is named."""
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
         check_seed(cfg.get("seed_everything"))
         if cfg.get("seed_everything") is True:  # a random seed, drawn once for every stream and rank
             cfg.seed_everything = cfg.model.seed = cfg.data.init_args.seed = random_seed()
-        self._ckpt_hparams = {}
+        self._ckpt_hparams, self._start_from = {}, None
         if not sub:
             return
         if cfg.get("ckpt_path") is None and sub in ("test", "predict"):
@@ -153,11 +155,19 @@ class IDDPMCLI(LightningCLI):
         path = cfg.get("ckpt_path")
         if not path or path in ("last", "best", "hpc", "registry"):
             return
-        hparams = dict(read_checkpoint(path, mmap=True).get("hyper_parameters", {}))
+        checkpoint = read_checkpoint(path, mmap=True)
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
         require_current_layout(path, hparams)
+        if sub == "fit" and "optimizer_states" not in checkpoint:  # weights alone: a new run starts from them
+            last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+            if last.exists():
+                raise ConfigError(f"run_dir {cfg.run_dir} already holds a run ({last}); resume it with --ckpt_path "
+                                  f"last, or start from the weights of {path} with another --run_dir")
+            rank_zero_info(f"Starting a new run from the weights (and EMA) of {path}: a fresh optimizer, step 0")
+            self._start_from = path
         seed = hparams.get("seed")
-        if sub == "fit" and seed is not None and cfg.seed_everything != seed:
+        if sub == "fit" and seed is not None and cfg.seed_everything != seed and self._start_from is None:
             # Every random stream is keyed by the seed: another one would resume on other data orders and noise.
             print(f"warning: --ckpt_path continues the run with the checkpoint's seed_everything={seed}; the "
                   f"configured {cfg.seed_everything!r} is NOT used", file=sys.stderr)
@@ -168,6 +178,8 @@ class IDDPMCLI(LightningCLI):
             rank_zero_info(f"{path} was written before model.unet.mid_attention_norm existed: its UNet is built "
                            f"without the middle block's attention norm, as it was trained")
             cfg.model.unet.mid_attention_norm = False
+        if hparams and "rescale_timesteps" not in hparams and cfg.get("model") is not None:
+            cfg.model.rescale_timesteps = False  # written before the setting existed: its UNet saw t as it is
         self._ckpt_hparams = hparams
         _warn_unused_model_settings(cfg.get("model"), hparams)
 
@@ -192,6 +204,8 @@ class IDDPMCLI(LightningCLI):
         # The data links in_channels, image_size and num_classes into the model: a checkpoint
         # trained on other data is refused here, before anything is written.
         check_compatible(self._ckpt_hparams, self.model.hparams)
+        if self._start_from is not None:  # the weights and EMA of the file; the optimizer and loops start anew
+            self.model.load_state_dict(read_checkpoint(self._start_from)["state_dict"])
         check_precision(self.trainer.precision)
         if self.subcommand == "predict":  # steps the sampler cannot take fail before anything is written
             self._get(self.config_init, "sampling").sampler.timesteps(self.model.diffusion)
@@ -220,6 +234,12 @@ class IDDPMCLI(LightningCLI):
         else:
             trainer.strategy.checkpoint_io = DurableCheckpointIO(io)
         return trainer
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if self._start_from is not None:
+            kwargs["ckpt_path"] = None  # the weights are loaded: nothing to resume
+        return kwargs
 
     def _run_dir(self) -> Path:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
@@ -274,6 +294,10 @@ def main(args=None) -> None:
             from .export import main as export_main
 
             return export_main(list(argv[1:]))
+        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["import"]:
+            from .official import import_main
+
+            return import_main(list(argv[1:]))
         if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["evaluate"]:
             from .evaluation.evaluate import main as evaluate_main
 

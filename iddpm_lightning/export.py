@@ -1,14 +1,17 @@
-"""Export a trained checkpoint as a diffusers ``DDPMPipeline`` folder.
+"""Export a trained checkpoint as a diffusers ``DDPMPipeline`` folder, or in the paper's own layout.
 
 ``python -m iddpm_lightning export --ckpt_path runs/x/checkpoints/last.ckpt --out exported/x``
 writes ``model_index.json``, ``unet/`` (the EMA UNet, or the raw one with ``--raw_weights``)
 and ``scheduler/`` (a ``DDPMScheduler`` configured like the training), loadable with
 ``DDPMPipeline.from_pretrained``. See ``export_to_diffusers`` for what matches and what differs.
+``--format official`` writes ``model.pt`` and ``flags.json`` for improved-diffusion's own scripts
+(``official.export_official``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -106,6 +109,12 @@ def export_to_diffusers(ckpt_path: str | Path, out_dir: str | Path, use_ema: boo
         )
     hparams.pop("_instantiator", None)
     hparams = upgrade_hparams(hparams)  # a checkpoint of iddpm_lightning 0.1 too
+    if hparams.get("rescale_timesteps") and hparams["timesteps"] != 1000:
+        raise ConfigError(
+            f"ckpt_path {ckpt_path} is a model whose UNet sees t·1000/T (model.rescale_timesteps, T = "
+            f"{hparams['timesteps']}), which diffusers' UNet2DModel cannot express (it embeds the timestep as it is); "
+            f"sample it with predict, or export it with --format official for the paper's own scripts"
+        )
     if hparams.get("class_cond"):
         raise ConfigError(
             f"ckpt_path {ckpt_path} is a class-conditional model (model.class_cond: true), which diffusers' "
@@ -174,9 +183,24 @@ def main(argv: list[str] | None = None) -> None:
                         help="export the trained weights instead of their exponential moving average (EMA)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the pipeline files in an existing, non-empty --out folder")
+    parser.add_argument("--format", choices=("diffusers", "official"), default="diffusers",
+                        help="diffusers: a DDPMPipeline folder; official: model.pt and flags.json for openai/"
+                             "improved-diffusion's image_sample.py and image_nll.py")
     args = parser.parse_args(argv)
-    out = export_to_diffusers(args.ckpt_path, args.out, use_ema=not args.raw_weights, overwrite=args.overwrite)
     weights = "raw" if args.raw_weights else "EMA"
+    if args.format == "official":
+        from .official import export_official
+
+        out = export_official(args.ckpt_path, args.out, use_ema=not args.raw_weights, overwrite=args.overwrite)
+        flags = json.loads((out / "flags.json").read_text())
+        print(f"Wrote the {weights} UNet in improved-diffusion's layout to {out / 'model.pt'} and its flags to "
+              f"{out / 'flags.json'}. Run it with the official scripts:")
+        print(f"    python scripts/image_sample.py --model_path {out / 'model.pt'} {flags['flags_line']}")
+        for reason in flags["not_from_flags"]:
+            print(f"note: the official scripts cannot build it from the flags alone: {reason}; build "
+                  f"UNetModel(**flags.json['UNetModel']) instead")
+        return
+    out = export_to_diffusers(args.ckpt_path, args.out, use_ema=not args.raw_weights, overwrite=args.overwrite)
     print(f"Wrote a diffusers DDPMPipeline ({weights} weights) to {out.resolve()}. Load it with:")
     print("    from diffusers import DDPMPipeline")
     print(f"    pipe = DDPMPipeline.from_pretrained({str(out.resolve())!r})")

@@ -116,3 +116,19 @@ def test_help_shows_the_type_of_every_model_data_and_sampling_setting(digits_con
         assert "(type: " in entry and "type: Any" not in entry, entry
     assert "{cosine,linear}" in settings["--model.noise_schedule"]
     assert "type: UnitIntervalOpenRight" in settings["--model.unet.dropout"]
+
+
+def test_a_checkpoint_written_before_rescale_timesteps_is_rebuilt_as_it_was_trained(tiny_run, tmp_path, digits_config,
+                                                                                    run_main):
+    """Its UNet saw t unscaled: a config that says rescale_timesteps: true (as the paper configs do) does
+    not change that, through the CLI nor load_from_checkpoint."""
+    import yaml
+
+    checkpoint = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    del checkpoint["hyper_parameters"]["rescale_timesteps"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    run_main(["test", "--config", digits_config, *TINY, "--model.rescale_timesteps=true", "--data.batch_size=2",
+              "--trainer.limit_test_batches=1", f"--ckpt_path={tmp_path / 'old.ckpt'}", f"--run_dir={tmp_path / 'run'}"],
+             cwd=tmp_path, ok=True)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["rescale_timesteps"] is False
+    assert IDDPM.load_from_checkpoint(tmp_path / "old.ckpt").hparams.rescale_timesteps is False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,11 +71,12 @@ def _check_readable(files: Sequence[Path], setting: str) -> None:
 
 
 class _ImageFiles(Dataset):
-    """Image files, each converted to RGB, resized and centre-cropped; ``dataset[(i, True)]`` is mirrored."""
+    """Image files, each converted to RGB (or greyscale: ``channels`` 1), resized and centre-cropped;
+    ``dataset[(i, True)]`` is mirrored."""
 
-    def __init__(self, files: Sequence[Path], labels: Sequence[int], image_size: int) -> None:
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], image_size: int, channels: int = 3) -> None:
         self.files, self.labels = list(files), list(labels)
-        self.image_size = image_size
+        self.image_size, self.channels = image_size, channels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -83,15 +84,15 @@ class _ImageFiles(Dataset):
     def __getitem__(self, key: Key) -> tuple[Tensor, int]:
         i, flip = unpack(key)
         with Image.open(self.files[i]) as im:
-            arr = resize_center_crop(im.convert("RGB"), self.image_size)
-        u8 = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3, H, W)
+            arr = resize_center_crop(im.convert("RGB" if self.channels == 3 else "L"), self.image_size)
+        u8 = torch.from_numpy(np.ascontiguousarray(arr.reshape(*arr.shape[:2], -1))).permute(2, 0, 1)  # (C, H, W)
         return to_model_range(u8, flip), self.labels[i]
 
 
 class ImageFolderDataModule(ImageDataModule):
     """A folder of png/jpg/jpeg images (searched recursively, extensions in any case), as RGB.
 
-    Each image is converted to RGB, then resized and centre-cropped to ``image_size`` as the
+    Each image is converted to RGB (or greyscale, ``channels: 1``), then resized and centre-cropped to ``image_size`` as the
     paper's improved-diffusion code does. With ``class_cond`` the label of an image is the
     index of its first-level sub-folder under the root (names sorted). Validation is always
     a fixed-seed subset of ``val_size`` images held out of ``root`` (the training images),
@@ -110,6 +111,7 @@ class ImageFolderDataModule(ImageDataModule):
         test_size: NonNegativeInt = 0,
         random_flip: bool = False,
         split_seed: NonNegativeInt = 0,
+        channels: Literal[1, 3] = 3,
         **kwargs: Any,
     ) -> None:
         """
@@ -122,17 +124,18 @@ class ImageFolderDataModule(ImageDataModule):
             test_size: Test images held out of root (used only without test_root).
             random_flip: Mirror training images left-right with probability 1/2.
             split_seed: Seed of the held-out validation/test subsets.
+            channels: 3 (RGB) or 1 (greyscale) channels per image.
             **kwargs: Loader settings: batch_size (per device), num_workers, pin_memory, persistent_workers.
         """
         super().__init__(**kwargs)
         check_args("data.", ImageFolderDataModule.__init__, {
             "image_size": image_size, "class_cond": class_cond, "val_size": val_size, "test_size": test_size,
-            "random_flip": random_flip, "split_seed": split_seed})
+            "random_flip": random_flip, "split_seed": split_seed, "channels": channels})
         self.root, self.test_root = root, test_root
         self.class_cond, self.random_flip, self.split_seed = class_cond, random_flip, split_seed
         self.val_size = val_size
         self.test_size = 0 if test_root else test_size
-        self.image_size, self.channels = image_size, 3
+        self.image_size, self.channels = image_size, channels
 
         train_files = _find_images(root, "data.root")
         self.classes = sorted({_class_of(f, root) for f in train_files} - {None}) if class_cond else []
@@ -153,7 +156,7 @@ class ImageFolderDataModule(ImageDataModule):
         resolve = lambda p: None if p is None else str(Path(p).expanduser().resolve())  # noqa: E731
         return {"root": resolve(self.root), "test_root": resolve(self.test_root), "image_size": self.image_size,
                 "class_cond": self.class_cond, "split_seed": self.split_seed, "val_size": self.val_size,
-                "test_size": self.test_size}
+                "test_size": self.test_size, **({"channels": 1} if self.channels == 1 else {})}
 
     def _labels(self, files: list[Path], folder: str, setting: str) -> list[int]:
         if not self.class_cond:
@@ -173,7 +176,7 @@ class ImageFolderDataModule(ImageDataModule):
         _, files, labels = self.sources[name]
         if idx is not None:
             files, labels = [files[i] for i in idx.tolist()], [labels[i] for i in idx.tolist()]
-        return _ImageFiles(files, labels, self.image_size)
+        return _ImageFiles(files, labels, self.image_size, self.channels)
 
     def _load_splits(self) -> tuple[Dataset, Dataset, Optional[Dataset]]:
         for setting, files, _ in self.sources.values():
