@@ -16,7 +16,9 @@ On synthetic data (random 8-bit images: speed does not depend on them), in one p
   second at 1 and 64 images with ``bpd_batch_size`` 256 and 1024, beside one call per
   timestep, timed over a subset of the T = 4000 timesteps (``GaussianDiffusion.spaced``:
   the same calls at the same sizes), and the hours the full test set would take;
-* 100-step respaced ancestral sampling (``IDDPM.sample``), images/s, float32 and bf16.
+* 100-step respaced ancestral sampling (``IDDPM.sample``), images/s, float32 and bf16;
+* the paper's released CIFAR-10 model (its layout and flags, random weights) through ``import``,
+  and the hours its evaluation takes here: exact and stratified test bits/dim, 50,000 samples.
 
 Writes ``--out`` (JSON, rewritten after every section, so a stopped run keeps what it
 measured) and a Markdown table beside it. ``--tiny`` runs every section with a small UNet and
@@ -54,7 +56,7 @@ PEAK_BF16_TFLOPS = (
 )
 GPU_GIB = (80, 141)
 TINY_UNET = {"block_out_channels": [32, 32], "layers_per_block": 1, "attention_resolutions": [16],
-             "attention_head_dim": 8, "dropout": 0.3}
+             "attention_head_dim": 8, "dropout": 0.3, "mid_attention_norm": True}
 
 
 def peak_bf16_tflops(device_name: str | None) -> float | None:
@@ -247,6 +249,57 @@ def sampling(bench: Bench) -> None:
     bench.save("sampling", rows)
 
 
+@torch.no_grad()
+def imported(bench: Bench) -> None:
+    """The paper's released CIFAR-10 model through ``import`` (random weights in its layout: speed does
+    not depend on them), then what its evaluation costs: exact bits/dim (T calls an image), the
+    stratified estimate (100 calls), and sampling 50,000 images at 100 and at T respaced steps."""
+    import tempfile
+
+    from iddpm_lightning.diffusion import Sampler
+    from iddpm_lightning.module import IDDPM
+    from iddpm_lightning.official import (RELEASED_FLAGS, diffusers_to_official, import_checkpoint,
+                                          official_flags_of, template_structure)
+
+    bench.free()
+    source = bench.model(rescale_timesteps=True)
+    flags = official_flags_of(source.hparams)
+    line = RELEASED_FLAGS["cifar10_uncond_50M_500K"] if not bench.tiny else (
+        f"{flags.flags_line} --channel_mult {','.join(map(str, flags.unet_kwargs['channel_mult']))} "
+        f"--in_channels {flags.unet_kwargs['in_channels']}")
+    heads = (flags.flags["num_heads"], flags.flags["num_heads"])
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(diffusers_to_official(source.unet.state_dict(), template_structure(source.hparams), heads),
+                   f"{tmp}/model.pt")
+        start = time.perf_counter()
+        import_checkpoint(f"{tmp}/model.pt", line, f"{tmp}/imported.ckpt")
+        import_s = time.perf_counter() - start
+        model = IDDPM.load_from_checkpoint(f"{tmp}/imported.ckpt", map_location="cpu").to(bench.device).eval()
+    T, fn = model.diffusion.num_timesteps, model.model_fn(model.eval_unet)
+    n_images, max_batch = (2, 16) if bench.tiny else (64, 1024)
+    x = images(model, n_images, bench.device)
+    n_t = min(T, 8 if bench.tiny else 64)
+    diffusion = model.diffusion.respace(range(0, T, T // n_t)[:n_t])  # the same calls, over n_t timesteps
+    g = torch.Generator(bench.device).manual_seed(0)
+    with torch.autocast(bench.device.type, enabled=False):
+        diffusion.calc_bpd_loop(fn, x, generator=g, max_batch=max_batch)  # warm-up
+        seconds, _ = timed(lambda: diffusion.calc_bpd_loop(fn, x, generator=g, max_batch=max_batch), bench.device)
+    calls_per_s = n_images * n_t / seconds  # model inputs (an image at a timestep) per second
+    steps, n = (3, 4) if bench.tiny else (100, 256)
+    model.sample(Sampler(steps=2), n, generator=torch.Generator(bench.device).manual_seed(0))  # warm-up
+    sample_s, _ = timed(lambda: model.sample(Sampler(steps=steps), n, generator=torch.Generator(bench.device)
+                                             .manual_seed(0)), bench.device)
+    per_image_step = sample_s / (n * steps)
+    bench.save("imported", {
+        "flags": line, "import_s": import_s, "timesteps": T, "image_timesteps_per_s": calls_per_s,
+        "bpd_exact_test_set_hours": 10_000 * T / calls_per_s / 3600,
+        "bpd_stratified_50_strata_test_set_hours": 10_000 * 100 / calls_per_s / 3600,
+        "sampling_image_steps_per_s": 1 / per_image_step,
+        "fid_50k_100_steps_hours": 50_000 * 100 * per_image_step / 3600,
+        "fid_50k_all_steps_hours": 50_000 * T * per_image_step / 3600,
+        "peak_gpu_memory_gib": bench.peak_memory_gib()})
+
+
 def fmt(value, spec: str = ".3g", unit: str = "") -> str:
     """``value`` formatted with its unit, or "-" where there is none (no GPU, no known peak)."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec) + unit
@@ -291,6 +344,16 @@ def table(r: dict) -> str:
         for name, row in r["sampling"].items():
             lines.append(f"| {name} | {row['steps']} | {row['images']} | {row['images_per_s']:.2f} |")
         lines.append("")
+    if "imported" in r:
+        i = r["imported"]
+        lines += [f"The released CIFAR-10 model through `import` (T = {i['timesteps']}, float32; imported in "
+                  f"{i['import_s']:.1f} s):", "", "| | rate | hours on this device |", "|---|---|---|",
+                  f"| exact bits/dim, 10,000 test images × T calls | {i['image_timesteps_per_s']:.0f} image·timesteps/s "
+                  f"| {i['bpd_exact_test_set_hours']:.2f} |",
+                  f"| stratified bits/dim, 50 strata (100 calls an image) | | {i['bpd_stratified_50_strata_test_set_hours']:.3f} |",
+                  f"| 50,000 samples, 100 respaced steps | {i['sampling_image_steps_per_s']:.0f} image·steps/s "
+                  f"| {i['fid_50k_100_steps_hours']:.2f} |",
+                  f"| 50,000 samples, all T steps | | {i['fid_50k_all_steps_hours']:.1f} |", ""]
     lines.append("Sections finished at (s from the start): "
                  + ", ".join(f"{k} {v:.0f}" for k, v in r["sections_s"].items()))
     return "\n".join(lines) + "\n"
@@ -322,7 +385,7 @@ def main() -> None:
     print(f"gpu benchmark: {bench.name}, {describe(bench.results['machine'])}", flush=True)
     if bench.peak is None:
         print(f"  the bf16 peak of {bench.name!r} is not in PEAK_BF16_TFLOPS: give --peak-tflops for the MFU", flush=True)
-    sections = [training, memory, bits_per_dim, sampling] + ([compiled] if args.compile else [])
+    sections = [training, memory, bits_per_dim, sampling, imported] + ([compiled] if args.compile else [])
     for section in sections:
         section(bench)
     print(table(bench.results))
