@@ -33,6 +33,8 @@ SETTINGS = [  # (label, sampler name, steps)
     ("DDIM, 50 steps", "ddim", 50),
     ("DPM-Solver++ (2nd order), 10 steps", "dpm_solver", 10),
     ("DPM-Solver++ (2nd order), 20 steps", "dpm_solver", 20),
+    ("Heun (EDM), 10 steps: 19 model calls", "heun", 10),
+    ("Heun (EDM), 20 steps: 39 model calls", "heun", 20),
 ]
 METRICS = ("fd_digits", "kid_digits", "precision", "recall", "confidence", "class_entropy")
 
