@@ -54,6 +54,19 @@ def replace_durably(tmp: Path, path: Path) -> None:
     _fsync(path.parent, directory=True)
 
 
+def write_durably(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path`` (its folder created), then
+    ``replace_durably`` it onto ``path``; the temporary file never outlives a failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # The signals that ask a run to stop at the next optimizer step: a scheduler's pre-emption or time
 # limit (SIGTERM), SLURM's configurable warning before it (SIGUSR1, which also requeues), Ctrl-C.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

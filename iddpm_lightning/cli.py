@@ -11,6 +11,7 @@ auto-versioned, so ``fit --ckpt_path last`` finds the run it continues.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import signal
@@ -287,21 +288,18 @@ def _config_error(e: BaseException) -> ConfigError | None:
     return e
 
 
+# The commands that are not the LightningCLI's: their module and entry point, imported when used.
+OTHER_COMMANDS = {"export": (".export", "main"), "import": (".official", "import_main"),
+                  "evaluate": (".evaluation.evaluate", "main")}
+
+
 def main(args=None) -> None:
     argv = sys.argv[1:] if args is None else args
     try:
-        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["export"]:
-            from .export import main as export_main
-
-            return export_main(list(argv[1:]))
-        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["import"]:
-            from .official import import_main
-
-            return import_main(list(argv[1:]))
-        if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["evaluate"]:
-            from .evaluation.evaluate import main as evaluate_main
-
-            return evaluate_main(list(argv[1:]))
+        command = argv[0] if isinstance(argv, (list, tuple)) and argv else None
+        if command in OTHER_COMMANDS:
+            module, entry = OTHER_COMMANDS[command]
+            return getattr(importlib.import_module(module, __package__), entry)(list(argv[1:]))
         IDDPMCLI(args=args)
     except (ConfigError, ValueError) as e:
         error = _config_error(e)

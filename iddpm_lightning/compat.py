@@ -138,10 +138,8 @@ def upgrade_checkpoint(path) -> None:
     """Rewrite a 0.1 checkpoint file in place with today's hyperparameter layout (weights untouched)."""
     import torch
 
-    from .checkpointing import read_checkpoint, replace_durably
+    from .checkpointing import read_checkpoint, write_durably
 
     checkpoint = read_checkpoint(path)
     checkpoint["hyper_parameters"] = upgrade_hparams(checkpoint.get("hyper_parameters", {}), checkpoint.pop("seed", None))
-    tmp = Path(f"{path}.tmp")
-    torch.save(checkpoint, tmp)
-    replace_durably(tmp, Path(path))
+    write_durably(path, lambda tmp: torch.save(checkpoint, tmp))

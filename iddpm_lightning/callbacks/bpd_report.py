@@ -48,21 +48,21 @@ class BpdReport(Callback):
         total = trainer.strategy.reduce(torch.cat([self._sums, self._vb, self._mse]), reduce_op="sum")
         sums, vb, mse = total[: len(_SUMS) + 1], total[len(_SUMS) + 1 : -T], total[-T:]
         count = int(sums[-1])
-        if trainer.is_global_zero and count > 0:
-            summary = {name.replace("total_", ""): float(s / count) for name, s in zip(_SUMS[:4], sums)}
-            summary["num_images"] = count
-            # default_root_dir is the run directory; trainer.log_dir would broadcast, and this is rank 0 only.
-            out_dir = Path(trainer.default_root_dir) / "test"
-            if self._stratified:
-                summary = {"bpd": summary["bpd"], "bpd_se": math.sqrt(float(sums[4])) / count,
-                           "prior_bpd": summary["prior_bpd"], "num_images": count,
-                           "estimate": f"stratified, {pl_module.test_strata} strata ({2 * pl_module.test_strata} "
-                                       f"model calls an image)"}
-                out_dir.mkdir(parents=True, exist_ok=True)
-                (out_dir / "bpd.json").write_text(json.dumps(summary, indent=2) + "\n")
-                print(f"Test bits/dim {summary['bpd']:.4f} ± {summary['bpd_se']:.4f} (stratified) over {count} images: "
-                      f"{out_dir / 'bpd.json'}")
-                return
+        if not trainer.is_global_zero or count == 0:
+            return
+        mean = {name.replace("total_", ""): float(s / count) for name, s in zip(_SUMS, sums)}
+        # default_root_dir is the run directory; trainer.log_dir would broadcast, and this is rank 0 only.
+        out_dir = Path(trainer.default_root_dir) / "test"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self._stratified:
+            summary = {"bpd": mean["bpd"], "bpd_se": math.sqrt(float(sums[4])) / count, "prior_bpd": mean["prior_bpd"],
+                       "num_images": count, "estimate": f"stratified, {pl_module.test_strata} strata "
+                                                        f"({2 * pl_module.test_strata} model calls an image)"}
+            (out_dir / "bpd.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"Test bits/dim {summary['bpd']:.4f} ± {summary['bpd_se']:.4f} (stratified) over {count} images: "
+                  f"{out_dir / 'bpd.json'}")
+        else:
+            summary = {k: mean[k] for k in ("bpd", "prior_bpd", "decoder_bpd", "kl_bpd")} | {"num_images": count}
             self.write(out_dir, summary, (vb / count).cpu().numpy(), (mse / count).cpu().numpy())
 
     @staticmethod

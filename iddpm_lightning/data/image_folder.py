@@ -90,10 +90,10 @@ class _ImageFiles(Dataset):
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """A folder of png/jpg/jpeg images (searched recursively, extensions in any case), as RGB.
+    """A folder of png/jpg/jpeg images (searched recursively, extensions in any case).
 
-    Each image is converted to RGB (or greyscale, ``channels: 1``), then resized and centre-cropped to ``image_size`` as the
-    paper's improved-diffusion code does. With ``class_cond`` the label of an image is the
+    Each image is converted to RGB (or greyscale, ``channels: 1``), then resized and centre-cropped
+    to ``image_size`` as the paper's improved-diffusion code does. With ``class_cond`` the label of an image is the
     index of its first-level sub-folder under the root (names sorted). Validation is always
     a fixed-seed subset of ``val_size`` images held out of ``root`` (the training images),
     so that choosing a checkpoint by ``val/*`` never looks at the test images. Test is

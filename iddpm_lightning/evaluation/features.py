@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpointing import replace_durably
+from ..checkpointing import write_durably
 from ..data import to_uint8
 from ..errors import ConfigError
 
@@ -199,15 +199,10 @@ class DigitFeatures(nn.Module):
         if net is None:
             net = train_digit_classifier(images, labels)
             if path is not None:
-                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
                 try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save({"key": key, "state_dict": net.state_dict()}, tmp)
-                    replace_durably(tmp, path)
+                    write_durably(path, lambda tmp: torch.save({"key": key, "state_dict": net.state_dict()}, tmp))
                 except (OSError, RuntimeError):  # a full disk is a RuntimeError from torch.save
                     pass  # not cached: the next run trains it again (4 s)
-                finally:
-                    tmp.unlink(missing_ok=True)
         # The name (in every output and reference cache key) follows the weights themselves, so
         # statistics of another training of the classifier (another machine's kernels) never mix.
         weights = hashlib.sha256(b"".join(t.numpy().tobytes() for t in net.state_dict().values())).hexdigest()[:12]

@@ -18,14 +18,13 @@ histogram in bits (log2 10 = 3.32 for balanced classes; mode collapse lowers it)
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..checkpointing import replace_durably
+from ..checkpointing import write_durably
 
 K_NEIGHBOURS = 3  # precision/recall's k (Kynkäänniemi et al. 2019)
 MIN_SAMPLES = K_NEIGHBOURS + 1  # each sample's k-th neighbour must be another sample
@@ -53,15 +52,8 @@ class ReferenceStats:
 
     def save(self, path: str | Path) -> None:
         """Write atomically and durably (temp file, fsync, rename, fsync the folder)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        try:
-            torch.save({"key": self.key, "mu": self.mu, "sigma": self.sigma, "num": self.num,
-                        "features": self.features}, tmp)
-            replace_durably(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_durably(path, lambda tmp: torch.save({"key": self.key, "mu": self.mu, "sigma": self.sigma,
+                                                    "num": self.num, "features": self.features}, tmp))
 
     @classmethod
     def load(cls, path: str | Path, key: str | None = None) -> "ReferenceStats":

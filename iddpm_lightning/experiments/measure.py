@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpointing import read_checkpoint, replace_durably
+from ..checkpointing import read_checkpoint, write_durably
 from ..data import DigitsDataModule, to_uint8
 from ..diffusion import GaussianDiffusion, Sampler, space_timesteps
 from ..evaluation.features import digit_features
@@ -100,9 +99,7 @@ class Measurements:
             start = time.perf_counter()
             value = measure()
             self.values[key] = {**value, "wall_s": round(time.perf_counter() - start, 2), "code": code}
-            tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
-            replace_durably(tmp, self.path)
+            write_durably(self.path, lambda tmp: tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True)))
         return self.values[key]
 
 

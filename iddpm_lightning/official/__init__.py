@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import pickle
 import time
 from pathlib import Path
@@ -30,19 +29,18 @@ from typing import Any
 
 import torch
 
-from ..checkpointing import SAVED_AT, read_checkpoint, replace_durably
+from ..checkpointing import SAVED_AT, read_checkpoint, write_durably
 from ..errors import ConfigError
 from .flags import (CHANNEL_MULT, MODEL_FLAGS, OFFICIAL_DEFAULTS, RELEASED_FLAGS, OfficialModel, check_against_flags,
-                    import_notes, official_flags_of, parse_flags, template_settings)
-from .layout import diffusers_to_official, official_shapes, official_to_diffusers, structure_of, template_structure
+                    heads_of, import_notes, official_flags_of, parse_flags, template_settings)
+from .layout import (_EXPECTED, diffusers_to_official, official_shapes, official_to_diffusers, structure_of,
+                     template_structure)
 
 __all__ = ["CHANNEL_MULT", "MODEL_FLAGS", "OFFICIAL_DEFAULTS", "OfficialModel", "RELEASED_FLAGS",
            "check_against_flags", "convert", "diffusers_to_official", "export_official", "import_checkpoint",
            "import_notes", "model_and_state", "official_flags_of", "official_shapes", "official_to_diffusers",
            "parse_flags", "structure_of", "template_settings", "template_structure"]
 
-_EXPECTED = ("a plain improved-diffusion UNetModel state_dict (what its training saves as model*.pt and "
-             "ema_*.pt, and the released checkpoints are)")
 
 
 def model_and_state(path: str | Path, flags_line: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
@@ -67,8 +65,7 @@ def convert(state_dict: Any, flags_line: str) -> tuple[dict[str, Any], dict[str,
     flags = parse_flags(flags_line)
     structure = structure_of(state_dict)
     check_against_flags(structure, flags)
-    heads = (flags["num_heads"], flags["num_heads"] if flags["num_heads_upsample"] == -1 else flags["num_heads_upsample"])
-    return (template_settings(flags, structure), official_to_diffusers(state_dict, structure, heads),
+    return (template_settings(flags, structure), official_to_diffusers(state_dict, structure, heads_of(flags)),
             import_notes(flags))
 
 
@@ -98,13 +95,7 @@ def import_checkpoint(path: str | Path, flags_line: str, out: str | Path, overwr
         "imported_from": {"file": str(Path(path).resolve()), "sha256": _sha256(Path(path)), "flags": flags_line,
                           "notes": notes},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    try:
-        torch.save(checkpoint, tmp)
-        replace_durably(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_durably(out, lambda tmp: torch.save(checkpoint, tmp))
     return out, hparams, notes
 
 
@@ -125,19 +116,10 @@ def export_official(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool = 
     official = official_flags_of(hparams)
     prefix = "ema_unet." if use_ema else "unet."
     unet = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    heads = (official.flags["num_heads"], official.flags["num_heads"] if official.flags["num_heads_upsample"] == -1
-             else official.flags["num_heads_upsample"])
-    state_dict = diffusers_to_official(unet, template_structure(hparams), heads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, write in (("model.pt", lambda f: torch.save(state_dict, f)),
-                        ("flags.json", lambda f: f.write_text(json.dumps(_flags_json(official, ckpt_path, use_ema),
-                                                                         indent=1) + "\n"))):
-        tmp = out_dir / f".{name}.tmp{os.getpid()}"
-        try:
-            write(tmp)
-            replace_durably(tmp, out_dir / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+    state_dict = diffusers_to_official(unet, template_structure(hparams), heads_of(official.flags))
+    write_durably(out_dir / "model.pt", lambda tmp: torch.save(state_dict, tmp))
+    flags = json.dumps(_flags_json(official, ckpt_path, use_ema), indent=1) + "\n"
+    write_durably(out_dir / "flags.json", lambda tmp: tmp.write_text(flags))
     return out_dir
 
 

@@ -181,6 +181,13 @@ def _check_values(flags: dict[str, Any]) -> None:
         )
 
 
+def heads_of(flags: dict[str, Any]) -> tuple[int, int]:
+    """(heads of the down path and middle block, heads of the up path): ``num_heads``, and
+    ``num_heads_upsample`` unless it is -1 (the official "same as num_heads")."""
+    upsample = flags["num_heads_upsample"]
+    return flags["num_heads"], flags["num_heads"] if upsample == -1 else upsample
+
+
 def _attention_ds(flags: dict[str, Any]) -> list[int]:
     """The flags' attention resolutions as downsampling factors, image_size // resolution."""
     text = flags["attention_resolutions"]
